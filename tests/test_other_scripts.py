@@ -1,0 +1,165 @@
+"""edac_pretrain.py, edac_bc_pretrain.py and td3bc_cql_pretrain.py: their pieces checked against
+independent computations, and each script run end to end on a tiny local Minari dataset."""
+
+import dataclasses
+import math
+
+import minari
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal
+
+from conftest import load_script, run_script, scalars
+
+edac = load_script("edac_pretrain.py")
+
+
+def test_vectorized_linear_equals_separate_linear_layers():
+    torch.manual_seed(0)
+    layer = edac.VectorizedLinear(5, 7, ensemble_size=4)
+    x = torch.randn(4, 3, 5)
+    out = layer(x)
+    for i in range(4):
+        separate = torch.nn.Linear(5, 7)
+        with torch.no_grad():
+            separate.weight.copy_(layer.weight[i].T)
+            separate.bias.copy_(layer.bias[i, 0])
+        torch.testing.assert_close(out[i], separate(x[i]))
+
+
+def test_critic_ensemble_members_are_independent_networks():
+    """Changing member 2's weights changes only member 2's Q-values."""
+    torch.manual_seed(0)
+    critic = edac.Critic(4, 2, 16, True, num_critics=3)
+    obs, act = torch.randn(6, 4), torch.rand(6, 2) * 2 - 1
+    before = critic(obs, act)
+    with torch.no_grad():
+        critic.net[0].weight[2] += torch.randn_like(critic.net[0].weight[2])
+    after = critic(obs, act)
+    torch.testing.assert_close(after[:2], before[:2])
+    assert not torch.allclose(after[2], before[2])
+
+
+def test_tanh_gaussian_log_prob_matches_numerical_change_of_variables():
+    """1-D: density of a = 2 tanh(u), u ~ N(mu, sigma), as (CDF difference over a small interval) / width."""
+    torch.manual_seed(0)
+    actor = edac.Actor(3, 1, max_action=2.0, hidden_dim=8, layernorm=False)
+    obs = torch.randn(5, 3)
+    mean, log_std = actor.distribution(obs)
+    normal = Normal(mean.double(), log_std.exp().double())
+    for a in (-1.9, -0.5, 0.0, 0.7, 1.5):
+        action = torch.full((5, 1), a)
+        width = 1e-5
+        lo, hi = torch.atanh(torch.tensor((a - width / 2) / 2.0, dtype=torch.float64)), torch.atanh(torch.tensor((a + width / 2) / 2.0, dtype=torch.float64))
+        numeric = torch.log((normal.cdf(hi) - normal.cdf(lo)) / width).squeeze(-1)
+        torch.testing.assert_close(actor.log_prob(obs, action).double(), numeric, rtol=1e-4, atol=1e-4)
+    # The sampling path gives the same log-probability as evaluating its own action.
+    noise = torch.randn(5, 1)
+    action, log_prob = actor(obs, noise)
+    torch.testing.assert_close(log_prob, actor.log_prob(obs, action), rtol=1e-4, atol=1e-4)
+
+
+def test_diversity_term_matches_a_loop_over_critic_pairs():
+    torch.manual_seed(0)
+    critic = edac.Critic(4, 3, 16, True, num_critics=4)
+    obs, act = torch.randn(8, 4), torch.rand(8, 3) * 2 - 1
+    target = torch.randn(8)
+    _, regression, diversity = edac.critic_loss_with_diversity(critic, obs, act, target, eta=1.0)
+    grads = []
+    for i in range(4):  # each member's action gradient, one at a time
+        a = act.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(critic(obs, a)[i].sum(), a)[0])
+    grads = [g / (g.norm(dim=-1, keepdim=True) + 1e-10) for g in grads]
+    pairs = sum((grads[i] * grads[j]).sum(-1) for i in range(4) for j in range(4) if i != j)
+    torch.testing.assert_close(diversity, pairs.mean() / 3)
+    torch.testing.assert_close(regression, ((critic(obs, act) - target) ** 2).mean(1).sum())
+
+
+def flat(dataset):
+    obs = np.concatenate([e.observations[:-1] for e in dataset.iterate_episodes()])
+    actions = np.concatenate([e.actions for e in dataset.iterate_episodes()])
+    return obs, actions
+
+
+def test_soft_bc_raises_the_likelihood_of_dataset_actions(tiny_dataset, tmp_path):
+    result = run_script("edac_pretrain.py", "--env-id", tiny_dataset, "--num-critics", 2, "--total-steps", 800,
+                        "--pretrain-steps", 800, "--actor-pretrain-fraction", 1.0, "--eval-episodes", 0,
+                        "--run-name", "softbc", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    model = torch.load(tmp_path / "runs" / "softbc" / "model.pt", weights_only=False)
+    obs, actions = flat(minari.load_dataset(tiny_dataset))
+    obs_t = torch.as_tensor((obs - model["obs_mean"]) / model["obs_std"], dtype=torch.float32)
+    actions_t = torch.as_tensor(actions)
+    torch.manual_seed(0)  # the script seeds, then builds the actor first: this is its initial actor
+    initial = edac.Actor(obs.shape[1], actions.shape[1], 1.0, 256, True)
+    trained = edac.Actor(obs.shape[1], actions.shape[1], 1.0, 256, True)
+    trained.load_state_dict(model["actor"])
+    with torch.no_grad():
+        before = initial.log_prob(obs_t, actions_t).mean().item()
+        after = trained.log_prob(obs_t, actions_t).mean().item()
+    assert after > before + 2.0, (before, after)
+    assert model["log_alpha"].item() != 0.0  # the temperature was tuned
+
+
+@pytest.mark.parametrize("script, extra_tags", [
+    ("edac_pretrain.py", ["losses/diversity", "losses/alpha"]),
+    ("edac_bc_pretrain.py", ["losses/diversity", "losses/alpha", "losses/bc"]),
+    ("td3bc_cql_pretrain.py", ["losses/cql"]),
+])
+def test_script_runs_end_to_end(script, extra_tags, tiny_dataset, tmp_path):
+    flags = ["--num-critics", 3] if script.startswith("edac") else []
+    result = run_script(script, "--env-id", tiny_dataset, *flags, "--total-steps", 400, "--pretrain-steps", 200,
+                        "--log-interval", 100, "--eval-interval", 200, "--eval-episodes", 2, "--lam", 0.2,
+                        "--lambda-refresh-interval", 50, "--eval-protocol", "adroit", "--run-name", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    logged = scalars(tmp_path / "runs" / "run")
+    for tag in ["losses/pretrain_critic", "losses/critic", "losses/actor", "charts/SPS", *extra_tags]:
+        assert tag in logged, tag
+    assert [s for s, _ in logged["eval/normalized_score"]] == [200, 400]
+    assert [s for s, _ in logged["losses/critic"]] == [300, 400]
+    assert all(np.isfinite(v) for _, v in logged["losses/critic"])
+    model = torch.load(tmp_path / "runs" / "run" / "model.pt", weights_only=False)
+    assert model["args"]["eval_protocol"] == "adroit"
+
+
+def test_cql_lowers_q_on_random_actions_relative_to_dataset_actions(tiny_dataset, tmp_path):
+    """Same seed, same steps, with and without CQL: the gap Q(s, a_data) - Q(s, u_random) widens with CQL."""
+    common = ["--env-id", tiny_dataset, "--total-steps", 600, "--pretrain-steps", 300, "--eval-episodes", 0]
+    gaps = {}
+    obs, actions = flat(minari.load_dataset(tiny_dataset))
+    for script in ("td3bc_pretrain.py", "td3bc_cql_pretrain.py"):
+        result = run_script(script, *common, "--run-name", script, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        model = torch.load(tmp_path / "runs" / script / "model.pt", weights_only=False)
+        critic = load_script(script).Critic(obs.shape[1], actions.shape[1], 256, True)
+        critic.load_state_dict(model["critic"])
+        obs_t = torch.as_tensor((obs - model["obs_mean"]) / model["obs_std"], dtype=torch.float32)
+        random_actions = torch.rand(len(obs), actions.shape[1], generator=torch.Generator().manual_seed(1)) * 2 - 1
+        with torch.no_grad():
+            gaps[script] = (critic(obs_t, torch.as_tensor(actions)) - critic(obs_t, random_actions)).mean().item()
+    assert gaps["td3bc_cql_pretrain.py"] > gaps["td3bc_pretrain.py"] + 1.0, gaps
+
+
+@pytest.mark.parametrize("script, flags, expected", [
+    ("edac_pretrain.py", dict(num_critics=0), "--num-critics must be at least 2"),
+    ("edac_pretrain.py", dict(actor_pretrain_fraction=1.5), "--actor-pretrain-fraction must lie in [0, 1]"),
+    ("edac_pretrain.py", dict(lam=-0.1), "--lam must lie in [0, 1]"),
+    ("edac_bc_pretrain.py", dict(bc_weight=-1.0), "--bc-weight must not be negative"),
+    ("edac_bc_pretrain.py", dict(env_id="walker2d-full-replay-v2"), "Minari does not host"),
+    ("td3bc_cql_pretrain.py", dict(cql_num_actions=0), "--cql-num-actions must be positive"),
+    ("td3bc_cql_pretrain.py", dict(pretrain_steps=10, total_steps=5), "cannot exceed --total-steps"),
+])
+def test_bad_flags_are_refused(script, flags, expected, minari_path):
+    module = load_script(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(dataclasses.replace(module.Args(), **flags))
+    assert expected in str(exit_info.value.code)
+
+
+def test_per_dataset_defaults_follow_the_authors_table():
+    assert edac.dataset_defaults("hopper", "medium")["num_critics"] == 50
+    assert edac.dataset_defaults("halfcheetah", "expert")["eta"] == 5.0
+    assert (edac.dataset_defaults("pen", "human")["num_critics"], edac.dataset_defaults("pen", "human")["eta"]) == (20, 1000.0)
+    assert edac.dataset_defaults("walker2d", "medium")["pretrain_steps"] == 100_000
+    assert math.isclose(load_script("td3bc_pretrain.py").dataset_defaults("walker2d", "medium-replay")["alpha"], 5.0)
