@@ -398,7 +398,9 @@ def edac_step(batch, noise, next_noise, actor, critic, target_critic, log_alpha,
     alpha_opt.step()
     alpha = log_alpha.exp().detach()
 
+    critic.requires_grad_(False)  # the actor's loss needs dQ/da, not gradients for the critics' weights
     q_pi = critic(batch["observations"], action).min(0).values
+    critic.requires_grad_(True)
     actor_loss = (alpha * log_prob - q_pi).mean()
     bc_loss = F.mse_loss(action, batch["actions"])
     actor_opt.zero_grad(set_to_none=True)
@@ -592,10 +594,10 @@ def main(args: Args) -> None:
     target_critic.load_state_dict(critic.state_dict())
     log_alpha = torch.zeros((), device=device, requires_grad=True)
     target_entropy = -float(act_dim)
-    fused = device.type == "cuda"  # one fused kernel for all parameters on the GPU; foreach on the CPU
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=fused or None)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=fused or None)
-    alpha_opt = torch.optim.Adam([log_alpha], lr=args.learning_rate, fused=fused or None)
+    # Fused Adam: one kernel updates all of a network's parameters (CPU and GPU alike).
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True)
+    alpha_opt = torch.optim.Adam([log_alpha], lr=args.learning_rate, fused=True)
 
     # Pre-training phases inside the budget: soft BC of the actor on [0, actor_end), the critics on
     # [actor_end, pretrain_end); EDAC after. An ablation that skips a phase skips its steps.

@@ -167,6 +167,14 @@ class Critic(nn.Module):
         x = torch.cat([obs, action], dim=-1).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
 
+    def q1(self, obs, action):
+        """The first critic alone, with its weights detached: TD3's actor follows Q_1 only, and the
+        actor's loss must not spend time on gradients for the critics' weights."""
+        x = torch.cat([obs, action], dim=-1)
+        for layer in self.net:
+            x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach()) if isinstance(layer, VectorizedLinear) else layer(x)
+        return x.squeeze(-1)
+
 
 # ------------------------------------------------------------------------------------- data
 D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+?)-v\d+$")
@@ -310,7 +318,7 @@ def td3bc_step(batch, actor, critic, target_actor, target_critic, actor_opt, cri
     losses = {"critic": critic_loss}
     if update_actor:
         pi = actor(batch["observations"])
-        q_pi = critic(batch["observations"], pi)[0]
+        q_pi = critic.q1(batch["observations"], pi)
         lmbda = args.alpha / q_pi.abs().mean().detach()  # TD3+BC: scale Q to the size of the BC term
         actor_loss = -lmbda * q_pi.mean() + F.mse_loss(pi, batch["actions"])
         actor_opt.zero_grad(set_to_none=True)
@@ -489,9 +497,9 @@ def main(args: Args) -> None:
     target_critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm).to(device)
     target_actor.load_state_dict(actor.state_dict())
     target_critic.load_state_dict(critic.state_dict())
-    fused = device.type == "cuda"  # one fused kernel for all parameters on the GPU; foreach on the CPU
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=fused or None)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=fused or None)
+    # Fused Adam: one kernel updates all of a network's parameters (CPU and GPU alike).
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True)
 
     start_step = 0
     run_name = args.run_name or f"{args.env_id.replace('/', '_')}__{Path(__file__).stem}__{args.seed}__{int(time.time())}"

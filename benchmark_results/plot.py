@@ -1,0 +1,123 @@
+"""Redraw every benchmark figure and summary.csv from the committed scalar data.
+
+    python benchmark_results/plot.py             # figures and summary.csv from benchmark_results/data/*.csv
+    python benchmark_results/plot.py --export    # first refresh the CSVs from the runs' tensorboard logs
+
+Each experiment's CSV holds one row per evaluation: condition, seed, step, normalized_score. A figure
+shows the mean over seeds and its min-max spread against gradient steps, pre-training shaded.
+"Steps to 90 %" is the first evaluation at which a condition's seed-mean score reaches 90 % of the
+from-scratch condition's final seed-mean score.
+"""
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tyro  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RUNS = HERE.parent / "runs" / "benchmark"
+# experiment -> (run folder, dataset, pre-training steps, from-scratch condition, [(condition, label)])
+EXPERIMENTS = {
+    "1_pretrain_vs_scratch": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
+        ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
+    "3_what_to_pretrain": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
+        ("pretrained", "actor + critics"), ("actor_only", "actor only"), ("critic_only", "critics only"),
+        ("scratch", "nothing (scratch)")]),
+    "4_layernorm": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
+        ("pretrained", "LayerNorm in both"), ("layernorm_actor_only", "actor only"),
+        ("layernorm_critic_only", "critics only"), ("layernorm_none", "neither"), ("scratch", "scratch (LN both)")]),
+}
+
+
+@dataclass
+class Args:
+    export: bool = False
+    """refresh data/<experiment>.csv from the tensorboard logs under runs/benchmark/ before plotting"""
+
+
+def export(experiment, folder, conditions):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = []
+    for condition, _ in conditions:
+        for seed_dir in sorted((RUNS / folder / condition).glob("seed*")):
+            if not (seed_dir / "model.pt").exists():
+                continue  # unfinished runs are left out
+            events = EventAccumulator(str(seed_dir))
+            events.Reload()
+            for event in events.Scalars("eval/normalized_score"):
+                rows.append((condition, seed_dir.name[4:], event.step, event.value))
+    path = HERE / "data" / f"{experiment}.csv"
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["condition", "seed", "step", "normalized_score"])
+        writer.writerows(rows)
+    print(f"wrote {path.relative_to(HERE.parent)} ({len(rows)} evaluations)")
+
+
+def load(experiment):
+    """condition -> (steps, scores [seeds, steps]) for conditions whose seeds all share the same steps."""
+    by_condition = defaultdict(lambda: defaultdict(dict))
+    with open(HERE / "data" / f"{experiment}.csv") as f:
+        for row in csv.DictReader(f):
+            by_condition[row["condition"]][row["seed"]][int(row["step"])] = float(row["normalized_score"])
+    curves = {}
+    for condition, seeds in by_condition.items():
+        steps = sorted(set.intersection(*(set(s) for s in seeds.values())))
+        curves[condition] = (np.array(steps), np.array([[seed[s] for s in steps] for seed in seeds.values()]))
+    return curves
+
+
+def steps_to_reach(steps, mean_curve, threshold):
+    reached = np.flatnonzero(mean_curve >= threshold)
+    return int(steps[reached[0]]) if len(reached) else None
+
+
+def main(args: Args) -> None:
+    summary = []
+    for experiment, (folder, dataset, pretrain_steps, scratch, conditions) in EXPERIMENTS.items():
+        if args.export:
+            export(experiment, folder, conditions)
+        if not (HERE / "data" / f"{experiment}.csv").exists():
+            print(f"no data for {experiment}; skipped")
+            continue
+        curves = load(experiment)
+        scratch_final = curves[scratch][1].mean(0)[-1] if scratch in curves else None
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ax.axvspan(0, pretrain_steps, color="0.9", label="pre-training")
+        for condition, label in conditions:
+            if condition not in curves:
+                continue
+            steps, scores = curves[condition]
+            mean = scores.mean(0)
+            ax.plot(steps, mean, label=f"{label} ({len(scores)} seeds)")
+            ax.fill_between(steps, scores.min(0), scores.max(0), alpha=0.2)
+            to_90 = steps_to_reach(steps, mean, 0.9 * scratch_final) if scratch_final is not None else None
+            summary.append([experiment, dataset, condition, len(scores), int(steps[-1]), round(float(mean[-1]), 2),
+                            round(float(scores[:, -1].std()), 2), "" if to_90 is None else to_90])
+        ax.set_xlabel("gradient steps (pre-training included)")
+        ax.set_ylabel("normalised score")
+        ax.set_title(f"TD3+BC, {dataset}: {experiment.split('_', 1)[1].replace('_', ' ')}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(HERE / f"{experiment}.png", dpi=110)
+        plt.close(fig)
+        print(f"drew benchmark_results/{experiment}.png")
+    with open(HERE / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["experiment", "dataset", "condition", "seeds", "total_steps", "final_score_mean",
+                         "final_score_std", "steps_to_90pct_of_scratch"])
+        writer.writerows(summary)
+    print("wrote benchmark_results/summary.csv")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
