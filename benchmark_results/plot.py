@@ -3,6 +3,9 @@
     python benchmark_results/plot.py             # figures and summary.csv from benchmark_results/data/*.csv
     python benchmark_results/plot.py --export    # first refresh the CSVs from the runs' tensorboard logs
 
+It also rewrites the tables between the `generated` markers of benchmark_results/README.md, so the
+README's numbers are always the CSVs' numbers.
+
 Each experiment's CSV holds one row per evaluation: condition, seed, step, normalized_score. A figure
 shows the mean over seeds and its min-max spread against gradient steps, pre-training shaded.
 "Steps to 90 %" is the first evaluation at which a condition's seed-mean score reaches 90 % of the
@@ -63,6 +66,51 @@ def export(experiment, folder, conditions):
     print(f"wrote {path.relative_to(HERE.parent)} ({len(rows)} evaluations)")
 
 
+def export_datasets():
+    """Size and average episode return of each benchmark dataset, read from Minari."""
+    import minari
+
+    rows = []
+    for dataset_id in sorted({e[1] for e in EXPERIMENTS.values()}):
+        if dataset_id not in minari.list_local_datasets():
+            continue
+        dataset = minari.load_dataset(dataset_id)
+        returns = [float(e.rewards.sum()) for e in dataset.iterate_episodes()]
+        rows.append((dataset_id, dataset.total_episodes, dataset.total_steps, round(float(np.mean(returns)), 1),
+                     round(float(100 * np.mean(minari.get_normalized_score(dataset, np.array(returns)))), 1)))
+    with open(HERE / "data" / "datasets.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "episodes", "transitions", "average_return", "average_normalized_score"])
+        writer.writerows(rows)
+
+
+def markdown_tables(summary):
+    lines = []
+    if (HERE / "data" / "datasets.csv").exists():
+        with open(HERE / "data" / "datasets.csv") as f:
+            rows = list(csv.DictReader(f))
+        lines += ["| dataset | episodes | transitions | average return | average normalised score |", "|---|---|---|---|---|"]
+        lines += [f"| {r['dataset']} | {r['episodes']} | {r['transitions']} | {r['average_return']} | {r['average_normalized_score']} |" for r in rows]
+    policies = sorted((HERE / "behaviour_policies").glob("*_medium.npz"))
+    if policies:
+        lines += ["", "| behaviour policy | average return when saved | ARS iterations | environment steps |", "|---|---|---|---|"]
+        for path in policies:
+            saved = np.load(path)
+            lines.append(f"| behaviour_policies/{path.name} | {float(saved['avg_return']):.1f} | {int(saved['iteration'])} | {int(saved['env_steps']):,} |")
+    for experiment in EXPERIMENTS:
+        rows = [r for r in summary if r[0] == experiment]
+        if not rows:
+            continue
+        scratch = next((r for r in rows if r[2] == EXPERIMENTS[experiment][3]), None)
+        lines += ["", f"### {experiment} ({rows[0][1]}, {rows[0][4]:,} gradient steps)", "", f"![{experiment}]({experiment}.png)", "",
+                  "| condition | seeds | final score (mean ± std) | steps to 90 % of scratch's final score | speed-up vs scratch |",
+                  "|---|---|---|---|---|"]
+        for r in rows:
+            speedup = f"{scratch[7] / r[7]:.1f}x" if scratch and scratch[7] != "" and r[7] not in ("", 0) else "-"
+            lines.append(f"| {r[2]} | {r[3]} | {r[5]:.1f} ± {r[6]:.1f} | {r[7] if r[7] != '' else 'not reached'} | {speedup} |")
+    return "\n".join(lines)
+
+
 def load(experiment):
     """condition -> (steps, scores [seeds, steps]) for conditions whose seeds all share the same steps."""
     by_condition = defaultdict(lambda: defaultdict(dict))
@@ -83,6 +131,8 @@ def steps_to_reach(steps, mean_curve, threshold):
 
 def main(args: Args) -> None:
     summary = []
+    if args.export:
+        export_datasets()
     for experiment, (folder, dataset, pretrain_steps, scratch, conditions) in EXPERIMENTS.items():
         if args.export:
             export(experiment, folder, conditions)
@@ -98,7 +148,7 @@ def main(args: Args) -> None:
                 continue
             steps, scores = curves[condition]
             mean = scores.mean(0)
-            ax.plot(steps, mean, label=f"{label} ({len(scores)} seeds)")
+            ax.plot(steps, mean, label=f"{label} (n={len(scores)})")
             ax.fill_between(steps, scores.min(0), scores.max(0), alpha=0.2)
             to_90 = steps_to_reach(steps, mean, 0.9 * scratch_final) if scratch_final is not None else None
             summary.append([experiment, dataset, condition, len(scores), int(steps[-1]), round(float(mean[-1]), 2),
@@ -117,6 +167,13 @@ def main(args: Args) -> None:
                          "final_score_std", "steps_to_90pct_of_scratch"])
         writer.writerows(summary)
     print("wrote benchmark_results/summary.csv")
+    readme = HERE / "README.md"
+    start, end = "<!-- generated: plot.py writes from here -->", "<!-- generated: to here -->"
+    if readme.exists() and start in readme.read_text():
+        text = readme.read_text()
+        head, rest = text.split(start, 1)
+        readme.write_text(f"{head}{start}\n{markdown_tables(summary)}\n{end}{rest.split(end, 1)[1]}")
+        print("updated the tables in benchmark_results/README.md")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ class Args:
     """ARS: std of the parameter perturbations (default per env)"""
     reward_shift: Optional[float] = None
     """ARS: subtracted from every training reward to remove a survival bonus (default per env)"""
+    medium_policy: Optional[str] = None
+    """write medium-v0 from this saved policy (.npz, e.g. benchmark_results/behaviour_policies/hopper_medium.npz) instead of training; skips medium-replay-v0"""
     work_dir: str = "runs/make_dataset"
     """checkpoints and resumable learner state go to <work_dir>/<env>/"""
     overwrite: bool = False
@@ -305,8 +307,13 @@ def main(args: Args) -> None:
     os.makedirs(work_dir, exist_ok=True)
     started = time.time()
 
-    replay, checkpoints = train_behaviour_policy(args, settings, env, work_dir)
-    print(f"behaviour-policy training: {time.time() - started:.0f} s")
+    if args.medium_policy is not None:
+        if not os.path.exists(args.medium_policy):
+            raise SystemExit(f"error: no policy file '{args.medium_policy}'; pass a .npz saved by this script.")
+        replay, checkpoints = None, {"medium": args.medium_policy}
+    else:
+        replay, checkpoints = train_behaviour_policy(args, settings, env, work_dir)
+        print(f"behaviour-policy training: {time.time() - started:.0f} s")
 
     d4rl_note = "A D4RL-style dataset made locally by common/make_dataset.py on Gymnasium MuJoCo v5. "
     if args.random_size > 0:
@@ -314,7 +321,7 @@ def main(args: Args) -> None:
         env.action_space.seed(args.seed)
         write_dataset(args, "random", collect(env, random_act, args.random_size, args.seed + 1, "random"),
                       d4rl_note + "Uniformly random actions.")
-    if "medium" in checkpoints:
+    if "medium" in checkpoints and replay is not None:
         write_dataset(args, "medium-replay", replay,
                       d4rl_note + "Rollouts of the ARS learner's perturbed policies until it reached the medium level.",
                       checkpoints["medium"])
