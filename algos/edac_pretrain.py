@@ -537,7 +537,7 @@ def main(args: Args) -> None:
         if not os.path.exists(checkpoint_path):
             raise SystemExit(f"error: no checkpoint.pt in '{resume_dir}' to resume from; pass the run directory "
                              "of a run started with --checkpoint-interval > 0.")
-        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # any device may resume
         args = Args(**{**checkpoint["args"], "resume": resume_dir})
     check_args(args)
 
@@ -608,7 +608,8 @@ def main(args: Args) -> None:
             module.load_state_dict(checkpoint[key])
         with torch.no_grad():
             log_alpha.copy_(checkpoint["log_alpha"])
-        returns_to_go, next_entropies = checkpoint["returns_to_go"], checkpoint["next_entropies"]
+        if checkpoint["next_entropies"] is not None:
+            returns_to_go, next_entropies = checkpoint["returns_to_go"].to(device), checkpoint["next_entropies"].to(device)
         set_rng_states(checkpoint["rng"], sampler)
         start_step = checkpoint["step"]
         print(f"resuming {run_dir} at step {start_step} ({checkpoint['phase']})")

@@ -469,7 +469,7 @@ def main(args: Args) -> None:
         if not os.path.exists(checkpoint_path):
             raise SystemExit(f"error: no checkpoint.pt in '{resume_dir}' to resume from; pass the run directory "
                              "of a run started with --checkpoint-interval > 0.")
-        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # any device may resume
         args = Args(**{**checkpoint["args"], "resume": resume_dir})
     check_args(args)
 
