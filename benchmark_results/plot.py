@@ -144,6 +144,9 @@ def main(args: Args) -> None:
             print(f"no data for {experiment}; skipped")
             continue
         curves = load(experiment)
+        if not curves:
+            print(f"no finished runs for {experiment}; skipped")
+            continue
         scratch_final = curves[scratch][1].mean(0)[-1] if scratch in curves else None
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         ax.axvspan(0, pretrain_steps, color="0.9", label="pre-training")
