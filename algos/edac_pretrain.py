@@ -333,8 +333,11 @@ def critic_loss_with_diversity(critic, obs, actions, target, eta):
 def soft_bc_step(batch, noise, actor, log_alpha, actor_opt, alpha_opt, target_entropy):
     """Soft behaviour cloning: maximise log pi(a|s) of dataset actions plus the entropy bonus."""
     alpha = log_alpha.exp().detach()
-    _, log_prob = actor(batch["observations"], noise)
-    actor_loss = (alpha * log_prob - actor.log_prob(batch["observations"], batch["actions"])).mean()
+    # One pass through the trunk serves both the sampled action and the dataset action.
+    mean, log_std = actor.distribution(batch["observations"])
+    log_prob = actor.log_prob_pre_tanh(mean, log_std, mean + log_std.exp() * noise)
+    dataset_pre_tanh = torch.atanh((batch["actions"] / actor.max_action).clamp(-1 + 1e-6, 1 - 1e-6))
+    actor_loss = (alpha * log_prob - actor.log_prob_pre_tanh(mean, log_std, dataset_pre_tanh)).mean()
     actor_opt.zero_grad(set_to_none=True)
     actor_loss.backward()
     actor_opt.step()
