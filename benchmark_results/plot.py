@@ -30,6 +30,10 @@ RUNS = HERE.parent / "runs" / "benchmark"
 EXPERIMENTS = {
     "1_pretrain_vs_scratch": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
         ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
+    "2_walker2d": ("walker2d_td3bc", "local/walker2d/medium-v0", 10_000, "scratch", [
+        ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
+    "2_halfcheetah": ("halfcheetah_td3bc", "local/halfcheetah/medium-v0", 10_000, "scratch", [
+        ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
     "3_what_to_pretrain": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
         ("pretrained", "actor + critics"), ("actor_only", "actor only"), ("critic_only", "critics only"),
         ("scratch", "nothing (scratch)")]),
@@ -38,8 +42,12 @@ EXPERIMENTS = {
         ("layernorm_critic_only", "critics only"), ("layernorm_none", "neither"), ("scratch", "scratch (LN both)")]),
     "5_lambda": ("hopper100k_lambda", "local-100k/hopper/medium-v0", 10_000, "lam0", [
         ("lam0", "λ = 0 (Monte-Carlo)"), ("lam0.1", "λ = 0.1"), ("lam0.3", "λ = 0.3"), ("lam0.5", "λ = 0.5")]),
+    "6_edac": ("hopper_edac", "local/hopper/medium-v0", 3_000, "scratch", [
+        ("pretrained", "EDAC, pre-trained (soft BC + soft returns)"), ("scratch", "EDAC from scratch")]),
     "7_data_limited": ("hopper25ep_hybrids", "local-25ep/hopper/medium-v0", 10_000, "td3bc", [
         ("td3bc", "TD3+BC, pre-trained"), ("td3bc_cql", "TD3+BC+CQL, pre-trained")]),
+    "7_data_limited_edac": ("hopper25ep_edac", "local-25ep/hopper/medium-v0", 3_000, "edac", [
+        ("edac", "EDAC, pre-trained"), ("edac_bc", "EDAC+BC, pre-trained")]),
 }
 
 
@@ -97,10 +105,11 @@ def markdown_tables(summary):
         lines += [f"| {r['dataset']} | {r['episodes']} | {r['transitions']} | {r['average_return']} | {r['average_normalized_score']} |" for r in rows]
     policies = sorted((HERE / "behaviour_policies").glob("*_medium.npz"))
     if policies:
-        lines += ["", "| behaviour policy | average return when saved | ARS iterations | environment steps |", "|---|---|---|---|"]
+        lines += ["", "| behaviour policy | learner | average return when saved | environment steps of training |", "|---|---|---|---|"]
         for path in policies:
             saved = np.load(path)
-            lines.append(f"| behaviour_policies/{path.name} | {float(saved['avg_return']):.1f} | {int(saved['iteration'])} | {int(saved['env_steps']):,} |")
+            learner = "SAC (MLP)" if "kind" in saved and str(saved["kind"]) == "mlp" else "ARS (linear)"
+            lines.append(f"| behaviour_policies/{path.name} | {learner} | {float(saved['avg_return']):.1f} | {int(saved['env_steps']):,} |")
     for experiment in EXPERIMENTS:
         rows = [r for r in summary if r[0] == experiment]
         if not rows:

@@ -7,27 +7,12 @@
 #   bash benchmark_results/run_hopper_small.sh        then   python benchmark_results/plot.py --export
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export STEPS=${STEPS:-20000} PRETRAIN=${PRETRAIN:-10000}
+export STEPS=20000 PRETRAIN=10000 EVAL_INTERVAL=2000
 SEEDS=${SEEDS:-0}
 POLICY=benchmark_results/behaviour_policies/hopper_medium.npz
 python common/make_dataset.py --env-id Hopper-v5 --medium-policy $POLICY --random-size 0 --namespace local-100k --medium-size 100000
 python common/make_dataset.py --env-id Hopper-v5 --medium-policy $POLICY --random-size 0 --namespace local-25ep --medium-size 14000
 
-run_one() {
-  local folder=$1 script=$2 dataset=$3 name=$4 seed=$5; shift 5
-  local dir="runs/benchmark/$folder/$name/seed$seed"
-  if [ -f "$dir/model.pt" ]; then return; fi
-  if [ -f "$dir/checkpoint.pt" ]; then
-    OMP_NUM_THREADS=1 python "algos/$script" --resume "$dir" > /dev/null 2>> "$dir.log"
-  else
-    mkdir -p "$(dirname "$dir")"
-    OMP_NUM_THREADS=1 python "algos/$script" --env-id "$dataset" --seed "$seed" --total-steps "$STEPS" \
-      --pretrain-steps "$PRETRAIN" --eval-interval 2000 --eval-episodes 10 --checkpoint-interval 2000 \
-      --run-name "benchmark/$folder/$name/seed$seed" "$@" > /dev/null 2> "$dir.log"
-  fi
-  echo "finished $folder $name seed $seed"
-}
-export -f run_one
 
 for seed in $SEEDS; do
   for lam in 0 0.1 0.3 0.5; do
@@ -35,4 +20,4 @@ for seed in $SEEDS; do
   done
   echo "hopper25ep_hybrids td3bc_pretrain.py local-25ep/hopper/medium-v0 td3bc $seed"
   echo "hopper25ep_hybrids td3bc_cql_pretrain.py local-25ep/hopper/medium-v0 td3bc_cql $seed"
-done | xargs -P 2 -L 1 bash -c 'run_one "$@"' _
+done | xargs -P "${JOBS:-2}" -L 1 bash benchmark_results/run_one.sh
