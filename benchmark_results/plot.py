@@ -83,7 +83,9 @@ def export_datasets():
     import minari
 
     rows = []
-    for dataset_id in sorted({e[1] for e in EXPERIMENTS.values()}):
+    # The experiments' datasets and everything else make_dataset.py wrote under the local namespace.
+    local = [d for d in minari.list_local_datasets() if d.startswith("local/")]
+    for dataset_id in sorted({e[1] for e in EXPERIMENTS.values()} | set(local)):
         if dataset_id not in minari.list_local_datasets():
             continue
         dataset = minari.load_dataset(dataset_id)
