@@ -30,9 +30,9 @@ RUNS = HERE.parent / "runs" / "benchmark"
 EXPERIMENTS = {
     "1_pretrain_vs_scratch": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
         ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
-    "2_walker2d": ("walker2d_td3bc", "local/walker2d/medium-v0", 10_000, "scratch", [
+    "2_walker2d_pretrain_vs_scratch": ("walker2d_td3bc", "local/walker2d/medium-v0", 10_000, "scratch", [
         ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
-    "2_halfcheetah": ("halfcheetah_td3bc", "local/halfcheetah/medium-v0", 10_000, "scratch", [
+    "2_halfcheetah_pretrain_vs_scratch": ("halfcheetah_td3bc", "local/halfcheetah/medium-v0", 10_000, "scratch", [
         ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
     "3_what_to_pretrain": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
         ("pretrained", "actor + critics"), ("actor_only", "actor only"), ("critic_only", "critics only"),
@@ -42,7 +42,7 @@ EXPERIMENTS = {
         ("layernorm_critic_only", "critics only"), ("layernorm_none", "neither"), ("scratch", "scratch (LN both)")]),
     "5_lambda": ("hopper100k_lambda", "local-100k/hopper/medium-v0", 10_000, "lam0", [
         ("lam0", "λ = 0 (Monte-Carlo)"), ("lam0.1", "λ = 0.1"), ("lam0.3", "λ = 0.3"), ("lam0.5", "λ = 0.5")]),
-    "6_edac": ("hopper_edac", "local/hopper/medium-v0", 3_000, "scratch", [
+    "6_edac_pretrain_vs_scratch": ("hopper_edac", "local/hopper/medium-v0", 3_000, "scratch", [
         ("pretrained", "EDAC, pre-trained (soft BC + soft returns)"), ("scratch", "EDAC from scratch")]),
     "7_data_limited": ("hopper25ep_hybrids", "local-25ep/hopper/medium-v0", 10_000, "td3bc", [
         ("td3bc", "TD3+BC, pre-trained"), ("td3bc_cql", "TD3+BC+CQL, pre-trained")]),
