@@ -84,10 +84,9 @@ def export_datasets():
 
     rows = []
     # The experiments' datasets and everything else make_dataset.py wrote under the local namespace.
-    local = [d for d in minari.list_local_datasets() if d.startswith("local/")]
-    for dataset_id in sorted({e[1] for e in EXPERIMENTS.values()} | set(local)):
-        if dataset_id not in minari.list_local_datasets():
-            continue
+    available = set(minari.list_local_datasets())
+    local = {d for d in available if d.startswith("local/")}
+    for dataset_id in sorted(({e[1] for e in EXPERIMENTS.values()} | local) & available):
         dataset = minari.load_dataset(dataset_id)
         returns = [float(e.rewards.sum()) for e in dataset.iterate_episodes()]
         rows.append((dataset_id, dataset.total_episodes, dataset.total_steps, round(float(np.mean(returns)), 1),

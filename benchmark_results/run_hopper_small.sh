@@ -13,7 +13,6 @@ POLICY=benchmark_results/behaviour_policies/hopper_medium.npz
 python common/make_dataset.py --env-id Hopper-v5 --medium-policy $POLICY --random-size 0 --namespace local-100k --medium-size 100000
 python common/make_dataset.py --env-id Hopper-v5 --medium-policy $POLICY --random-size 0 --namespace local-25ep --medium-size 14000
 
-
 for seed in $SEEDS; do
   for lam in 0 0.1 0.3 0.5; do
     echo "hopper100k_lambda td3bc_pretrain.py local-100k/hopper/medium-v0 lam$lam $seed --lam $lam"
