@@ -26,11 +26,10 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, Optional
 
-import gymnasium as gym
 import minari
 import numpy as np
 import torch
@@ -48,25 +47,27 @@ from common.returns import lambda_returns, mc_returns  # noqa: E402
 @dataclass
 class Args:
     env_id: str = "hopper-medium-v2"
-    """a D4RL name (hopper-medium-v2, pen-human-v1, ...) mapped to Minari's id, or any Minari dataset id used verbatim (mujoco/hopper/medium-v0, local/hopper/medium-v0)"""
+    """a D4RL name (hopper-medium-v2, pen-human-v1, ...) mapped to Minari's id, or any Minari dataset id
+    used verbatim (mujoco/hopper/medium-v0, local/hopper/medium-v0)"""
     seed: int = 0
     """seed for network initialisation, batch sampling and evaluation episodes"""
     total_steps: Optional[int] = None
-    """gradient steps in all, pre-training included (default per dataset, as the authors: halfcheetah 100k, hopper and walker2d 500k, Adroit 300k, else 1M)"""
+    """gradient steps in all, pre-training included (default per dataset, as the authors: halfcheetah
+    100k, hopper and walker2d 500k, Adroit 300k, else 1M)"""
     pretrain_steps: Optional[int] = None
-    """gradient steps of pre-training at the start of the budget (default per dataset: 10k, walker2d 20k, Adroit 200k)"""
+    """gradient steps of pre-training at the start of the budget (default per dataset: 10k, walker2d 20k,
+    Adroit 200k)"""
     pretrain: Literal["actor-critic", "actor", "critic", "none"] = "actor-critic"
-    """what to pre-train: both (the method), actor only or critic only (the paper's ablations), or none (TD3+BC from scratch)"""
+    """what to pre-train: both (the method), actor only or critic only (the paper's ablations), or none
+    (TD3+BC from scratch)"""
     lam: float = 0.0
     """lambda of the critics' pre-training targets: 0 is pure Monte-Carlo, 1 is one-step TD"""
     lambda_refresh_interval: int = 5000
-    """with --lam > 0: recompute the lambda-returns over the whole dataset from the target networks every this many steps"""
+    """with --lam > 0: recompute the lambda-returns over the whole dataset from the target networks
+    every this many steps"""
     alpha: Optional[float] = None
-    """TD3+BC's weight on Q in the actor loss (default per dataset: halfcheetah 20, hopper 10, walker2d 5 for medium data, 2.5 for random/expert/medium-expert, Adroit 1)"""
-    cql_weight: float = 1.0
-    """weight of the CQL regulariser against the critics' regression or TD loss, both scaled to unit size"""
-    cql_num_actions: int = 10
-    """uniformly random actions per state in the CQL logsumexp"""
+    """TD3+BC's weight on Q in the actor loss (default per dataset: halfcheetah 20, hopper 10, walker2d 5
+    for medium data, 2.5 for random/expert/medium-expert, Adroit 1)"""
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
@@ -81,6 +82,10 @@ class Args:
     """clip of the target policy smoothing noise (times max action)"""
     policy_freq: int = 2
     """TD3 updates the actor and the targets once per this many critic updates"""
+    cql_weight: float = 1.0
+    """weight of the CQL regulariser against the critics' regression or TD loss, both scaled to unit size"""
+    cql_num_actions: int = 10
+    """uniformly random actions per state in the CQL logsumexp"""
     hidden_dim: int = 256
     """width of every hidden layer"""
     actor_layernorm: bool = True
@@ -94,7 +99,8 @@ class Args:
     eval_episodes: int = 10
     """evaluation episodes, run in parallel (0 skips evaluation, for datasets without an environment)"""
     eval_protocol: Literal["standard", "adroit"] = "standard"
-    """adroit: ignore `terminated` until the longest human demonstration (pen 100, door 300, hammer 624, relocate 527 steps), as in the paper"""
+    """adroit: ignore `terminated` until the longest human demonstration (pen 100, door 300, hammer 624,
+    relocate 527 steps), as in the paper"""
     log_interval: int = 1000
     """write losses and speed to tensorboard every this many steps"""
     checkpoint_interval: int = 50_000
@@ -107,7 +113,7 @@ class Args:
     """torch device: auto picks cuda when available"""
 
 
-# Per-dataset settings of the paper's authors (method.md): TD3+BC alpha, budgets, pre-training steps.
+# Per-dataset settings of the paper's authors: TD3+BC's alpha, budgets, pre-training steps.
 ADROIT_ENVS = {"pen": 100, "door": 300, "hammer": 624, "relocate": 527}  # longest human demonstration
 
 
@@ -121,7 +127,7 @@ def dataset_defaults(env_name: str, quality: str) -> dict:
     return dict(alpha=alpha, total_steps=total, pretrain_steps=pretrain)
 
 
-# ------------------------------------------------------------------------------------- networks
+# ================================================================================================ networks
 def hidden_layers(in_dim: int, hidden_dim: int, depth: int, layernorm: bool) -> list:
     layers = []
     for i in range(depth):
@@ -136,7 +142,8 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim, act_dim, max_action, hidden_dim, layernorm):
         super().__init__()
-        self.net = nn.Sequential(*hidden_layers(obs_dim, hidden_dim, 3, layernorm), nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        self.net = nn.Sequential(*hidden_layers(obs_dim, hidden_dim, 3, layernorm), nn.Linear(hidden_dim, act_dim),
+                                 nn.Tanh())
         self.max_action = max_action
 
     def forward(self, obs):
@@ -176,15 +183,257 @@ class Critic(nn.Module):
         return self.net(x).squeeze(-1)
 
     def q1(self, obs, action):
-        """The first critic alone, with its weights detached: TD3's actor follows Q_1 only, and the
-        actor's loss must not spend time on gradients for the critics' weights."""
+        """Q_1 alone, with the critics' weights detached: TD3's actor follows Q_1 only, and its loss
+        needs dQ/da, not gradients for the critics' weights (this saves the actor update a third)."""
         x = torch.cat([obs, action], dim=-1)
         for layer in self.net:
-            x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach()) if isinstance(layer, VectorizedLinear) else layer(x)
+            is_linear = isinstance(layer, VectorizedLinear)
+            x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach()) if is_linear else layer(x)
         return x.squeeze(-1)
 
 
-# ------------------------------------------------------------------------------------- data
+@dataclass
+class Learner:
+    """What the updates change: the networks, their target copies and their optimisers."""
+
+    actor: Actor
+    critic: Critic
+    target_actor: Actor
+    target_critic: Critic
+    actor_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+
+
+def make_learner(obs_dim, act_dim, max_action, args, device) -> Learner:
+    actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm).to(device)
+    critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm).to(device)
+    target_actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm).to(device)
+    target_critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm).to(device)
+    target_actor.load_state_dict(actor.state_dict())
+    target_critic.load_state_dict(critic.state_dict())
+    # Fused Adam: one kernel updates all of a network's parameters (CPU and GPU alike).
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True)
+    return Learner(actor, critic, target_actor, target_critic, actor_opt, critic_opt)
+
+
+def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
+    # One fused call over all tensors instead of a Python loop per parameter.
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+
+# ================================================================================================ pre-training
+@torch.no_grad()
+def dataset_lambda_returns(data, learner, args, chunk=65536):
+    """Lambda-returns for the whole dataset, with V(s') = min_j Q'_j(s', pi'(s')) from the target networks."""
+    next_values = []
+    for start in range(0, len(data["rewards"]), chunk):
+        next_obs = data["next_observations"][start:start + chunk]
+        next_values.append(learner.target_critic(next_obs, learner.target_actor(next_obs)).min(0).values)
+    next_values = torch.cat(next_values).double().cpu().numpy()
+    returns = lambda_returns(data["rewards"].cpu().numpy(), next_values, data["terminations"].cpu().numpy(),
+                             data["truncations"].cpu().numpy(), args.gamma, args.lam, args.bootstrap_truncated)
+    return torch.as_tensor(returns, dtype=torch.float32, device=data["rewards"].device)
+
+
+def cql_regulariser(critic, obs, q_data, random_actions):
+    """sum_j [ mean_s logsumexp_k Q_j(s, u_k) - mean Q_j(s, a) ] for random actions u [K, B, A]."""
+    num_actions, batch_size, act_dim = random_actions.shape
+    q_random = critic(obs.repeat(num_actions, 1), random_actions.reshape(-1, act_dim))
+    q_random = q_random.reshape(critic.num_critics, num_actions, batch_size)
+    return (torch.logsumexp(q_random, dim=1).mean(1) - q_data.mean(1)).sum()
+
+
+def unit_scaled(loss):
+    # Divide by the ABSOLUTE detached value: dividing by a signed one flips the gradient when loss < 0.
+    return loss / loss.detach().abs().clamp_min(1e-8)
+
+
+def pretrain_step(learner, batch, returns_to_go, args):
+    """Joint pre-training: behaviour cloning for the actor, regression onto returns for both critics."""
+    losses = {}
+    if args.pretrain in ("actor-critic", "actor"):
+        actor_loss = F.mse_loss(learner.actor(batch["observations"]), batch["actions"])
+        learner.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        learner.actor_opt.step()
+        losses["pretrain_actor"] = actor_loss
+    if args.pretrain in ("actor-critic", "critic"):
+        q = learner.critic(batch["observations"], batch["actions"])
+        critic_loss = (q - returns_to_go).pow(2).mean(1).sum()
+        cql = cql_regulariser(learner.critic, batch["observations"], q, batch["random_actions"])
+        learner.critic_opt.zero_grad(set_to_none=True)
+        (unit_scaled(critic_loss) + args.cql_weight * unit_scaled(cql)).backward()
+        learner.critic_opt.step()
+        losses["pretrain_critic"], losses["cql"] = critic_loss, cql
+    # The targets follow from the start, so that TD3+BC inherits targets consistent with its networks.
+    polyak_update(learner.actor, learner.target_actor, args.tau)
+    polyak_update(learner.critic, learner.target_critic, args.tau)
+    return losses
+
+
+# ================================================================================================ TD3+BC
+def td3bc_step(learner, batch, noise, update_actor, args):
+    """One TD3+BC+CQL update: clipped double-Q critics with CQL; every policy_freq steps, the actor and the
+    targets."""
+    actor, critic = learner.actor, learner.critic
+    with torch.no_grad():
+        smoothing = (noise * args.policy_noise).clamp(-args.noise_clip, args.noise_clip) * actor.max_action
+        next_action = learner.target_actor(batch["next_observations"]) + smoothing
+        next_action = next_action.clamp(-actor.max_action, actor.max_action)
+        next_q = learner.target_critic(batch["next_observations"], next_action).min(0).values
+        # Bootstrap through truncations (time limits), never through true terminals.
+        td_target = batch["rewards"] + args.gamma * (1.0 - batch["terminations"]) * next_q
+    q = critic(batch["observations"], batch["actions"])
+    critic_loss = (q - td_target).pow(2).mean(1).sum()
+    cql = cql_regulariser(critic, batch["observations"], q, batch["random_actions"])
+    learner.critic_opt.zero_grad(set_to_none=True)
+    (unit_scaled(critic_loss) + args.cql_weight * unit_scaled(cql)).backward()
+    learner.critic_opt.step()
+    losses = {"critic": critic_loss, "cql": cql}
+    if update_actor:
+        pi = actor(batch["observations"])
+        q_pi = critic.q1(batch["observations"], pi)
+        lmbda = args.alpha / q_pi.abs().mean().detach()  # TD3+BC: scale Q to the size of the BC term
+        actor_loss = -lmbda * q_pi.mean() + F.mse_loss(pi, batch["actions"])
+        learner.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        learner.actor_opt.step()
+        losses["actor"] = actor_loss
+        polyak_update(actor, learner.target_actor, args.tau)
+        polyak_update(critic, learner.target_critic, args.tau)
+    return losses
+
+
+# ================================================================================================ training loop
+def main(args: Args) -> None:
+    args, checkpoint = prepare_args(args)  # resume, per-dataset defaults, checks
+    datasets, data = load_data(args.env_id)  # every transition as flat NumPy arrays, checked
+    device = pick_device(args.device)
+    if checkpoint is None:
+        seed_everything(args.seed)
+    sampler = torch.Generator(device=device)  # batch indices and noise, drawn on the training device
+    sampler.manual_seed(args.seed)
+
+    # 1. Monte-Carlo returns-to-go of the raw rewards: the critics' pre-training targets.
+    returns_to_go = mc_returns(data["rewards"], data["terminations"], data["truncations"], args.gamma,
+                               args.bootstrap_truncated)
+    # States normalised by the dataset's statistics, here and at evaluation.
+    obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    data["observations"] = (data["observations"] - obs_mean) / obs_std
+    data["next_observations"] = (data["next_observations"] - obs_mean) / obs_std
+    # The whole dataset lives on the training device; batches are sampled there.
+    data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in data.items()}
+    returns_to_go = torch.as_tensor(returns_to_go, dtype=torch.float32, device=device)
+    num_transitions, obs_dim = data["observations"].shape
+    act_dim = data["actions"].shape[1]
+    learner = make_learner(obs_dim, act_dim, float(datasets[0].action_space.high[0]), args, device)
+
+    run = Run(args, datasets, learner, sampler, (obs_mean, obs_std), device, checkpoint)
+    if checkpoint is not None:
+        returns_to_go = checkpoint["returns_to_go"].to(device)
+    for step in range(run.start_step, args.total_steps):
+        idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=sampler)
+        batch = {k: v[idx] for k, v in data.items()}
+        random_actions = torch.rand(args.cql_num_actions, args.batch_size, act_dim, device=device, generator=sampler)
+        batch["random_actions"] = (2 * random_actions - 1) * learner.actor.max_action  # the u_k of CQL
+        if step < args.pretrain_steps:  # 2. pre-train actor and critics together
+            if args.lam > 0 and step % args.lambda_refresh_interval == 0:
+                returns_to_go = dataset_lambda_returns(data, learner, args)
+            losses = pretrain_step(learner, batch, returns_to_go[idx], args)
+        else:  # 3. TD3+BC from the pre-trained networks
+            noise = torch.randn(batch["actions"].shape, device=device, generator=sampler)
+            update_actor = (step - args.pretrain_steps) % args.policy_freq == 0
+            losses = td3bc_step(learner, batch, noise, update_actor, args)
+        run.end_step(step, losses, {"returns_to_go": returns_to_go})  # log, evaluate, checkpoint when due
+    run.finish()
+
+
+# ================================================================================================ evaluation
+@torch.no_grad()
+def evaluate(actor, envs, obs_mean, obs_std, seed, ignore_terminated_until, device):
+    """Run one episode in each env at once, one batched actor call per step; returns undiscounted returns.
+    (A hand-stepped batch rather than gym.vector: finished episodes stop costing simulation time, and the
+    Adroit protocol needs to ignore `terminated` early, which auto-resetting vector envs cannot.)"""
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+    returns, done, steps = np.zeros(len(envs)), np.zeros(len(envs), dtype=bool), 0
+    while not done.all():
+        steps += 1
+        obs_t = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
+        actions = actor(obs_t).cpu().numpy()
+        for i in np.flatnonzero(~done):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(actions[i])
+            returns[i] += reward
+            done[i] = truncated or (terminated and steps >= ignore_terminated_until)
+    return returns
+
+
+def normalized_score(dataset, returns):
+    """Score x 100 from the dataset's reference returns (0 random, 100 expert); raw return without them."""
+    metadata = dataset.storage.metadata
+    if metadata.get("ref_min_score") is None or metadata.get("ref_max_score") is None:
+        return float(np.mean(returns))
+    return float(np.mean(minari.get_normalized_score(dataset, returns))) * 100
+
+
+# ================================================================================================ plumbing
+# Everything below serves the algorithm above without being part of it: arguments and resuming,
+# dataset resolution, loading and checks, logging, checkpoints and random states.
+
+def check_args(args: Args) -> None:
+    problems = []
+    if not 0.0 <= args.lam <= 1.0:
+        problems.append(f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}")
+    for name in ("total_steps", "cql_num_actions", "batch_size", "hidden_dim", "eval_interval", "log_interval",
+                 "policy_freq", "lambda_refresh_interval"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("pretrain_steps", "cql_weight", "eval_episodes", "checkpoint_interval"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            problems.append(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if args.pretrain_steps is not None and args.total_steps is not None and args.pretrain_steps > args.total_steps:
+        problems.append(f"--pretrain-steps ({args.pretrain_steps}) cannot exceed --total-steps ({args.total_steps}): "
+                        "pre-training counts inside the total budget")
+    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma < 1.0 or args.learning_rate <= 0:
+        problems.append("--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems) + ".")
+
+
+def prepare_args(args: Args):
+    """The run's arguments (a resumed run's own, from its checkpoint), per-dataset defaults filled in."""
+    checkpoint = None
+    if args.resume is not None:
+        checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.exists(checkpoint_path):
+            raise SystemExit(f"error: no checkpoint.pt in '{args.resume}' to resume from; pass the run directory "
+                             "of a run started with --checkpoint-interval > 0.")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # any device may resume
+        args = Args(**{**checkpoint["args"], "resume": args.resume})
+    check_args(args)
+    env_name, quality = dataset_name_parts(resolve_dataset(args.env_id)[0])
+    for key, value in dataset_defaults(env_name, quality).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.pretrain == "none":
+        args.pretrain_steps = 0
+    check_args(args)  # again, now that per-dataset defaults have filled the gaps
+    return args, checkpoint
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+?)-v\d+$")
 MINARI_MUJOCO = ("halfcheetah", "hopper", "walker2d", "ant")
 
@@ -204,8 +453,10 @@ def resolve_dataset(env_id: str) -> list:
         return [f"mujoco/{env_name}/{quality}-v0"]
     if env_name in MINARI_MUJOCO and quality == "medium-expert":
         return [f"mujoco/{env_name}/medium-v0", f"mujoco/{env_name}/expert-v0"]
-    hosted = ", ".join(f"mujoco/{env_name}/{q}-v0" for q in ("simple", "medium", "expert")) if env_name in MINARI_MUJOCO else \
-        "mujoco/<env>/{simple,medium,expert}-v0, D4RL/{pen,door,hammer,relocate}/{human,cloned,expert}-v2"
+    if env_name in MINARI_MUJOCO:
+        hosted = ", ".join(f"mujoco/{env_name}/{q}-v0" for q in ("simple", "medium", "expert"))
+    else:
+        hosted = "mujoco/<env>/{simple,medium,expert}-v0, D4RL/{pen,door,hammer,relocate}/{human,cloned,expert}-v2"
     raise SystemExit(f"error: Minari does not host the D4RL dataset '{env_id}'. Available: {hosted}. "
                      f"For medium-replay and other kinds, make one locally with `python common/make_dataset.py` "
                      f"and pass its id (e.g. local/{env_name}/medium-replay-v0).")
@@ -215,6 +466,14 @@ def dataset_name_parts(dataset_id: str) -> tuple:
     """'mujoco/hopper/medium-v0' -> ('hopper', 'medium')."""
     parts = dataset_id.split("/")
     return parts[-2].lower() if len(parts) > 1 else "", re.sub(r"-v\d+$", "", parts[-1])
+
+
+def load_data(env_id: str):
+    """The Minari datasets behind --env-id, and all their transitions as flat, checked NumPy arrays."""
+    datasets = [load_minari(dataset_id) for dataset_id in resolve_dataset(env_id)]
+    data = flatten_episodes(datasets)
+    check_data(data, datasets[0].action_space)
+    return datasets, data
 
 
 def load_minari(dataset_id: str):
@@ -233,7 +492,8 @@ def load_minari(dataset_id: str):
 
 def flatten_episodes(datasets) -> dict:
     """Episodes -> flat arrays of transitions (obs, action, reward, next_obs, terminated, truncated)."""
-    columns = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminations", "truncations")}
+    keys = ("observations", "actions", "rewards", "next_observations", "terminations", "truncations")
+    columns = {k: [] for k in keys}
     for dataset in datasets:
         for episode in dataset.iterate_episodes():
             if not isinstance(episode.observations, np.ndarray):
@@ -271,84 +531,95 @@ def check_data(data: dict, action_space) -> None:
                          f"{high.max()}] (first at index {np.argmax(outside)}); a tanh actor cannot imitate them.")
 
 
-# ------------------------------------------------------------------------------------- pre-training and TD3+BC
-def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
-    # One fused call over all tensors instead of a Python loop per parameter.
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+def make_eval_envs(dataset, num_envs):
+    try:
+        return [dataset.recover_environment(eval_env=True) for _ in range(num_envs)]
+    except Exception as e:
+        raise SystemExit(f"error: could not recover the evaluation environment of {dataset.spec.dataset_id} "
+                         f"({type(e).__name__}: {str(e)[:200]}). Install its environment package, or train "
+                         "without evaluation with --eval-episodes 0.")
 
 
-@torch.no_grad()
-def dataset_lambda_returns(data, target_actor, target_critic, args, chunk=65536):
-    """Lambda-returns for the whole dataset, with V(s') = min_j Q'_j(s', pi'(s')) from the target networks."""
-    next_values = []
-    for start in range(0, len(data["rewards"]), chunk):
-        next_obs = data["next_observations"][start:start + chunk]
-        next_values.append(target_critic(next_obs, target_actor(next_obs)).min(0).values)
-    next_values = torch.cat(next_values).double().cpu().numpy()
-    returns = lambda_returns(data["rewards"].cpu().numpy(), next_values, data["terminations"].cpu().numpy(),
-                             data["truncations"].cpu().numpy(), args.gamma, args.lam, args.bootstrap_truncated)
-    return torch.as_tensor(returns, dtype=torch.float32, device=data["rewards"].device)
+class Run:
+    """The run's bookkeeping around the training loop: the run directory, tensorboard, the progress bar,
+    evaluation, checkpoints and resuming. `end_step` does whatever is due after a gradient step."""
 
+    def __init__(self, args, datasets, learner, sampler, obs_stats, device, checkpoint):
+        self.args, self.dataset, self.learner, self.sampler, self.device = args, datasets[0], learner, sampler, device
+        self.obs_mean, self.obs_std = obs_stats
+        self.obs_stats_t = [torch.as_tensor(x, dtype=torch.float32, device=device) for x in obs_stats]
+        self.envs = make_eval_envs(self.dataset, args.eval_episodes) if args.eval_episodes > 0 else []
+        env_name = dataset_name_parts(self.dataset.spec.dataset_id)[0]
+        self.ignore_terminated_until = ADROIT_ENVS.get(env_name, 0) if args.eval_protocol == "adroit" else 0
+        self.start_step = 0
+        run_name = args.run_name or "__".join([args.env_id.replace("/", "_"), Path(__file__).stem, str(args.seed),
+                                               str(int(time.time()))])
+        self.dir = args.resume or os.path.join("runs", run_name)
+        if checkpoint is not None:
+            restore(learner, checkpoint)
+            set_rng_states(checkpoint["rng"], sampler)
+            self.start_step = checkpoint["step"]
+            print(f"resuming {self.dir} at step {self.start_step} ({checkpoint['phase']})")
+        os.makedirs(self.dir, exist_ok=True)
+        # purge_step drops events logged after the checkpoint, so a resumed run has no duplicated steps.
+        self.writer = SummaryWriter(self.dir, purge_step=self.start_step + 1 if args.resume else None)
+        if args.resume is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                                 "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+            self.writer.add_text("eval/protocol", args.eval_protocol)
+        self.loss_log = LossLog(["pretrain_actor", "pretrain_critic", "critic", "cql", "actor"], args.log_interval,
+                                device, self.start_step)
+        self.progress = tqdm(total=args.total_steps, initial=self.start_step, unit="step",
+                             desc=run_name if args.resume is None else self.dir)
+        self.last_time, self.last_step, self.score = time.time(), self.start_step, None
 
-def cql_regulariser(critic, obs, q_data, random_actions):
-    """sum_j [ mean_s logsumexp_k Q_j(s, u_k) - mean Q_j(s, a) ] for random actions u [K, B, A]."""
-    num_actions, batch_size, act_dim = random_actions.shape
-    q_random = critic(obs.repeat(num_actions, 1), random_actions.reshape(-1, act_dim))
-    q_random = q_random.reshape(critic.num_critics, num_actions, batch_size)
-    return (torch.logsumexp(q_random, dim=1).mean(1) - q_data.mean(1)).sum()
+    def end_step(self, step, losses, targets):
+        args, done_steps = self.args, step + 1
+        self.loss_log.add(step, losses)
+        try:
+            if done_steps % args.log_interval == 0 or done_steps == args.total_steps:
+                for name, value in self.loss_log.flush(done_steps).items():
+                    self.writer.add_scalar(f"losses/{name}", value, done_steps)
+                self.writer.add_scalar("charts/SPS", (done_steps - self.last_step) / (time.time() - self.last_time),
+                                       done_steps)
+                self.last_time, self.last_step = time.time(), done_steps
+            if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
+                self.loss_log.check()  # never checkpoint a diverged model
+        except FloatingPointError as e:
+            raise SystemExit(f"error: {e}; stopping. The last good checkpoint in {self.dir} is intact; "
+                             "lower --learning-rate or check the data.")
+        if self.envs and (done_steps % args.eval_interval == 0 or done_steps == args.total_steps):
+            self.evaluate(done_steps)
+        if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
+            self.save_checkpoint(done_steps, targets)  # after this step's logs and evaluation, which resuming keeps
+        self.progress.update(1)
 
+    def evaluate(self, done_steps):
+        eval_start = time.time()
+        returns = evaluate(self.learner.actor, self.envs, *self.obs_stats_t, self.args.seed * 100_000 + done_steps,
+                           self.ignore_terminated_until, self.device)
+        self.score = normalized_score(self.dataset, returns)
+        self.writer.add_scalar("eval/normalized_score", self.score, done_steps)
+        self.writer.add_scalar("eval/return", float(np.mean(returns)), done_steps)
+        self.writer.add_scalar("charts/eval_seconds", time.time() - eval_start, done_steps)
+        self.progress.set_postfix(score=f"{self.score:.1f}")
+        self.last_time += time.time() - eval_start  # keep evaluation out of the SPS figure
 
-def unit_scaled(loss):
-    # Divide by the ABSOLUTE detached value: dividing by a signed one flips the gradient when loss < 0.
-    return loss / loss.detach().abs().clamp_min(1e-8)
+    def save_checkpoint(self, step, targets):
+        save_atomic({**learner_state(self.learner), **targets, "step": step,
+                     "phase": "pre-training" if step < self.args.pretrain_steps else "TD3+BC",
+                     "rng": rng_states(self.sampler), "obs_mean": self.obs_mean, "obs_std": self.obs_std,
+                     "args": asdict(self.args)}, os.path.join(self.dir, "checkpoint.pt"))
 
-
-def pretrain_step(batch, returns_to_go, random_actions, actor, critic, actor_opt, critic_opt, args):
-    """Joint pre-training: behaviour cloning for the actor, regression onto returns for both critics."""
-    losses = {}
-    if args.pretrain in ("actor-critic", "actor"):
-        actor_loss = F.mse_loss(actor(batch["observations"]), batch["actions"])
-        actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        actor_opt.step()
-        losses["pretrain_actor"] = actor_loss
-    if args.pretrain in ("actor-critic", "critic"):
-        q = critic(batch["observations"], batch["actions"])
-        critic_loss = (q - returns_to_go).pow(2).mean(1).sum()
-        cql = cql_regulariser(critic, batch["observations"], q, random_actions)
-        critic_opt.zero_grad(set_to_none=True)
-        (unit_scaled(critic_loss) + args.cql_weight * unit_scaled(cql)).backward()
-        critic_opt.step()
-        losses["pretrain_critic"], losses["cql"] = critic_loss, cql
-    return losses
-
-
-def td3bc_step(batch, actor, critic, target_actor, target_critic, actor_opt, critic_opt, update_actor, noise, random_actions, args):
-    """One TD3+BC+CQL update: clipped double-Q critics with CQL; every policy_freq steps, the actor and the targets."""
-    with torch.no_grad():
-        smoothing = (noise * args.policy_noise).clamp(-args.noise_clip, args.noise_clip) * actor.max_action
-        next_action = (target_actor(batch["next_observations"]) + smoothing).clamp(-actor.max_action, actor.max_action)
-        next_q = target_critic(batch["next_observations"], next_action).min(0).values
-        # Bootstrap through truncations (time limits), never through true terminals.
-        td_target = batch["rewards"] + args.gamma * (1.0 - batch["terminations"]) * next_q
-    q = critic(batch["observations"], batch["actions"])
-    critic_loss = (q - td_target).pow(2).mean(1).sum()
-    cql = cql_regulariser(critic, batch["observations"], q, random_actions)
-    critic_opt.zero_grad(set_to_none=True)
-    (unit_scaled(critic_loss) + args.cql_weight * unit_scaled(cql)).backward()
-    critic_opt.step()
-    losses = {"critic": critic_loss, "cql": cql}
-    if update_actor:
-        pi = actor(batch["observations"])
-        q_pi = critic.q1(batch["observations"], pi)
-        lmbda = args.alpha / q_pi.abs().mean().detach()  # TD3+BC: scale Q to the size of the BC term
-        actor_loss = -lmbda * q_pi.mean() + F.mse_loss(pi, batch["actions"])
-        actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        actor_opt.step()
-        losses["actor"] = actor_loss
-    return losses
+    def finish(self):
+        self.progress.close()
+        learner = self.learner
+        torch.save({"actor": learner.actor.state_dict(), "critic": learner.critic.state_dict(),
+                    "obs_mean": self.obs_mean, "obs_std": self.obs_std, "args": asdict(self.args)},
+                   os.path.join(self.dir, "model.pt"))
+        self.writer.close()
+        score = f"; final normalised score {self.score:.1f}" if self.score is not None else ""
+        print(f"saved {os.path.join(self.dir, 'model.pt')}{score}")
 
 
 class LossLog:
@@ -372,7 +643,8 @@ class LossLog:
             steps = self.start + (rows - self.start) % self.interval  # the window's steps, in order
             first = int(steps.argmin())
             value = self.values[rows[first], cols[first]].item()
-            raise FloatingPointError(f"the {self.names[cols[first]]} loss became {value} at step {int(steps[first]) + 1}")
+            raise FloatingPointError(f"the {self.names[cols[first]]} loss became {value} "
+                                     f"at step {int(steps[first]) + 1}")
 
     def flush(self, step):
         self.check()
@@ -383,42 +655,15 @@ class LossLog:
         return means
 
 
-# ------------------------------------------------------------------------------------- evaluation
-def make_eval_envs(dataset, num_envs):
-    try:
-        return [dataset.recover_environment(eval_env=True) for _ in range(num_envs)]
-    except Exception as e:
-        raise SystemExit(f"error: could not recover the evaluation environment of {dataset.spec.dataset_id} "
-                         f"({type(e).__name__}: {str(e)[:200]}). Install its environment package, or train "
-                         "without evaluation with --eval-episodes 0.")
+def learner_state(learner: Learner) -> dict:
+    return {field.name: getattr(learner, field.name).state_dict() for field in fields(learner)}
 
 
-@torch.no_grad()
-def evaluate(actor, envs, obs_mean, obs_std, seed, ignore_terminated_until, device):
-    """Run one episode in each env at once, one batched actor call per step; returns undiscounted returns.
-    (A hand-stepped batch rather than gym.vector: finished episodes stop costing simulation time, and the
-    Adroit protocol needs to ignore `terminated` early, which auto-resetting vector envs cannot.)"""
-    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
-    returns, done, steps = np.zeros(len(envs)), np.zeros(len(envs), dtype=bool), 0
-    while not done.all():
-        steps += 1
-        obs_t = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
-        actions = actor(obs_t).cpu().numpy()
-        for i in np.flatnonzero(~done):
-            obs[i], reward, terminated, truncated, _ = envs[i].step(actions[i])
-            returns[i] += reward
-            done[i] = truncated or (terminated and steps >= ignore_terminated_until)
-    return returns
+def restore(learner: Learner, checkpoint: dict) -> None:
+    for field in fields(learner):
+        getattr(learner, field.name).load_state_dict(checkpoint[field.name])
 
 
-def normalized_score(dataset, returns):
-    """Score x 100 from the dataset's reference returns (0 random, 100 expert); raw return without them."""
-    if dataset.storage.metadata.get("ref_min_score") is None or dataset.storage.metadata.get("ref_max_score") is None:
-        return float(np.mean(returns))
-    return float(np.mean(minari.get_normalized_score(dataset, returns))) * 100
-
-
-# ------------------------------------------------------------------------------------- checkpoints
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: an interruption never leaves a half-written file."""
     torch.save(obj, path + ".tmp")
@@ -438,171 +683,6 @@ def set_rng_states(states, sampler):
     if states["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     sampler.set_state(states["sampler"])
-
-
-# ------------------------------------------------------------------------------------- main
-def check_args(args: Args) -> None:
-    problems = []
-    if not 0.0 <= args.lam <= 1.0:
-        problems.append(f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}")
-    for name in ("total_steps", "cql_num_actions", "batch_size", "hidden_dim", "eval_interval", "log_interval", "policy_freq", "lambda_refresh_interval"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("pretrain_steps", "cql_weight", "eval_episodes", "checkpoint_interval"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            problems.append(f"--{name.replace('_', '-')} must not be negative, got {value}")
-    if args.pretrain_steps is not None and args.total_steps is not None and args.pretrain_steps > args.total_steps:
-        problems.append(f"--pretrain-steps ({args.pretrain_steps}) cannot exceed --total-steps ({args.total_steps}): "
-                        "pre-training counts inside the total budget")
-    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma < 1.0 or args.learning_rate <= 0:
-        problems.append("--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive")
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems) + ".")
-
-
-def main(args: Args) -> None:
-    resume_dir = args.resume
-    if resume_dir is not None:
-        checkpoint_path = os.path.join(resume_dir, "checkpoint.pt")
-        if not os.path.exists(checkpoint_path):
-            raise SystemExit(f"error: no checkpoint.pt in '{resume_dir}' to resume from; pass the run directory "
-                             "of a run started with --checkpoint-interval > 0.")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # any device may resume
-        args = Args(**{**checkpoint["args"], "resume": resume_dir})
-    check_args(args)
-
-    dataset_ids = resolve_dataset(args.env_id)
-    env_name, quality = dataset_name_parts(dataset_ids[0])
-    defaults = dataset_defaults(env_name, quality)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.pretrain == "none":
-        args.pretrain_steps = 0
-    check_args(args)  # again, now that per-dataset defaults have filled the gaps
-
-    datasets = [load_minari(dataset_id) for dataset_id in dataset_ids]
-    data = flatten_episodes(datasets)
-    action_space = datasets[0].action_space
-    check_data(data, action_space)
-    envs = make_eval_envs(datasets[0], args.eval_episodes) if args.eval_episodes > 0 else []
-    ignore_terminated_until = ADROIT_ENVS.get(env_name, 0) if args.eval_protocol == "adroit" else 0
-
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if resume_dir is None:
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-    sampler = torch.Generator(device=device)
-    sampler.manual_seed(args.seed)
-
-    # Monte-Carlo returns on the raw data; states normalised by the dataset's statistics.
-    returns_to_go = mc_returns(data["rewards"], data["terminations"], data["truncations"], args.gamma, args.bootstrap_truncated)
-    obs_mean = data["observations"].mean(0)
-    obs_std = data["observations"].std(0) + 1e-3
-    data["observations"] = (data["observations"] - obs_mean) / obs_std
-    data["next_observations"] = (data["next_observations"] - obs_mean) / obs_std
-    # The whole dataset lives on the training device; batches are sampled there.
-    data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in data.items()}
-    returns_to_go = torch.as_tensor(returns_to_go, dtype=torch.float32, device=device)
-    obs_mean_t = torch.as_tensor(obs_mean, dtype=torch.float32, device=device)
-    obs_std_t = torch.as_tensor(obs_std, dtype=torch.float32, device=device)
-    num_transitions = len(data["rewards"])
-
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    max_action = float(action_space.high[0])
-    actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm).to(device)
-    critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm).to(device)
-    target_actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm).to(device)
-    target_critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm).to(device)
-    target_actor.load_state_dict(actor.state_dict())
-    target_critic.load_state_dict(critic.state_dict())
-    # Fused Adam: one kernel updates all of a network's parameters (CPU and GPU alike).
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True)
-
-    start_step = 0
-    run_name = args.run_name or f"{args.env_id.replace('/', '_')}__{Path(__file__).stem}__{args.seed}__{int(time.time())}"
-    run_dir = resume_dir or os.path.join("runs", run_name)
-    if resume_dir is not None:
-        for module, key in ((actor, "actor"), (critic, "critic"), (target_actor, "target_actor"),
-                            (target_critic, "target_critic"), (actor_opt, "actor_opt"), (critic_opt, "critic_opt")):
-            module.load_state_dict(checkpoint[key])
-        returns_to_go = checkpoint["returns_to_go"].to(device)
-        set_rng_states(checkpoint["rng"], sampler)
-        start_step = checkpoint["step"]
-        print(f"resuming {run_dir} at step {start_step} ({checkpoint['phase']})")
-    os.makedirs(run_dir, exist_ok=True)
-    # purge_step drops events logged after the checkpoint, so a resumed run has no duplicated steps.
-    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resume_dir else None)
-    if resume_dir is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        writer.add_text("eval/protocol", args.eval_protocol)
-
-    def save_checkpoint(step):
-        save_atomic({
-            "actor": actor.state_dict(), "critic": critic.state_dict(), "target_actor": target_actor.state_dict(),
-            "target_critic": target_critic.state_dict(), "actor_opt": actor_opt.state_dict(),
-            "critic_opt": critic_opt.state_dict(), "returns_to_go": returns_to_go, "step": step,
-            "phase": "pre-training" if step < args.pretrain_steps else "TD3+BC", "rng": rng_states(sampler),
-            "obs_mean": obs_mean, "obs_std": obs_std, "args": asdict(args),
-        }, os.path.join(run_dir, "checkpoint.pt"))
-
-    loss_log = LossLog(["pretrain_actor", "pretrain_critic", "critic", "cql", "actor"], args.log_interval, device, start_step)
-    progress = tqdm(total=args.total_steps, initial=start_step, desc=run_name if resume_dir is None else run_dir, unit="step")
-    last_time, last_step, score = time.time(), start_step, None
-    for step in range(start_step, args.total_steps):
-        idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=sampler)
-        batch = {k: v[idx] for k, v in data.items()}
-        random_actions = (2 * torch.rand(args.cql_num_actions, args.batch_size, act_dim, device=device, generator=sampler) - 1) * max_action
-        if step < args.pretrain_steps:
-            if args.lam > 0 and step % args.lambda_refresh_interval == 0:
-                returns_to_go = dataset_lambda_returns(data, target_actor, target_critic, args)
-            losses = pretrain_step(batch, returns_to_go[idx], random_actions, actor, critic, actor_opt, critic_opt, args)
-            polyak_update(actor, target_actor, args.tau)
-            polyak_update(critic, target_critic, args.tau)
-        else:
-            noise = torch.randn(batch["actions"].shape, device=device, generator=sampler)
-            update_actor = (step - args.pretrain_steps) % args.policy_freq == 0
-            losses = td3bc_step(batch, actor, critic, target_actor, target_critic, actor_opt, critic_opt, update_actor, noise, random_actions, args)
-            if update_actor:
-                polyak_update(actor, target_actor, args.tau)
-                polyak_update(critic, target_critic, args.tau)
-        loss_log.add(step, losses)
-
-        done_steps = step + 1
-        try:
-            if done_steps % args.log_interval == 0 or done_steps == args.total_steps:
-                for name, value in loss_log.flush(done_steps).items():
-                    writer.add_scalar(f"losses/{name}", value, done_steps)
-                writer.add_scalar("charts/SPS", (done_steps - last_step) / (time.time() - last_time), done_steps)
-                last_time, last_step = time.time(), done_steps
-            if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
-                loss_log.check()  # never checkpoint a diverged model
-        except FloatingPointError as e:
-            raise SystemExit(f"error: {e}; stopping. The last good checkpoint in {run_dir} is intact; "
-                             "lower --learning-rate or check the data.")
-        if envs and (done_steps % args.eval_interval == 0 or done_steps == args.total_steps):
-            eval_start = time.time()
-            returns = evaluate(actor, envs, obs_mean_t, obs_std_t, args.seed * 100_000 + done_steps, ignore_terminated_until, device)
-            score = normalized_score(datasets[0], returns)
-            writer.add_scalar("eval/normalized_score", score, done_steps)
-            writer.add_scalar("eval/return", float(np.mean(returns)), done_steps)
-            writer.add_scalar("charts/eval_seconds", time.time() - eval_start, done_steps)
-            progress.set_postfix(score=f"{score:.1f}")
-            last_time += time.time() - eval_start  # keep evaluation out of the SPS figure
-        if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
-            save_checkpoint(done_steps)  # after this step's logs and evaluation, which resuming keeps
-        progress.update(1)
-    progress.close()
-
-    torch.save({"actor": actor.state_dict(), "critic": critic.state_dict(), "obs_mean": obs_mean,
-                "obs_std": obs_std, "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
-    writer.close()
-    print(f"saved {os.path.join(run_dir, 'model.pt')}" + (f"; final normalised score {score:.1f}" if score is not None else ""))
 
 
 if __name__ == "__main__":
