@@ -11,7 +11,9 @@ entropy-regularised agent value the actor's entropy too:
      all N critics regress onto it, with EDAC's diversity term on;
   3. EDAC continues from those networks, target networks and optimiser states.
 LayerNorm follows every hidden linear layer of actor and critics. With --lam > 0 the critics regress
-onto soft lambda-returns (lam = 0 is pure Monte-Carlo, lam = 1 one-step TD).
+onto soft lambda-returns (lam = 0 is pure Monte-Carlo, lam = 1 one-step TD): they first fit the soft
+Monte-Carlo returns for one --lambda-refresh-interval, and only then are the lambda-returns computed
+from them, and recomputed every interval after that.
 For data-limited tasks (Adroit) the actor keeps a behaviour-cloning term during EDAC, so that it does
 not drift to actions the data never shows:
   actor loss = L_SAC / |sg(L_SAC)| + bc_weight * MSE(a~, a) / sg(MSE),  a~ ~ pi(.|s)  (each at unit size).
@@ -67,8 +69,8 @@ class Args:
     lam: float = 0.0
     """lambda of the critics' pre-training targets: 0 is pure Monte-Carlo, 1 is one-step TD"""
     lambda_refresh_interval: int = 5000
-    """with --lam > 0: recompute the lambda-returns over the whole dataset from the target networks
-    every this many steps"""
+    """with --lam > 0: the critics fit the Monte-Carlo returns for this many steps before the first
+    lambda-returns are computed from the target networks, and these are recomputed every this many steps"""
     num_critics: Optional[int] = None
     """size of the critic ensemble N (default per dataset from the authors' table, else 10)"""
     eta: Optional[float] = None
@@ -85,6 +87,10 @@ class Args:
     """Polyak rate of the target networks"""
     entropy_samples: int = 10
     """actions sampled per next state to estimate the actor's entropy for the soft returns"""
+    action_saturation: float = 0.999
+    """soft BC: a dataset action coordinate at or beyond this fraction of the bound counts as saturated
+    (clipped), and its likelihood is the probability the policy puts beyond that point rather than a
+    density there (1 keeps the density everywhere, as the authors do)"""
     hidden_dim: int = 256
     """width of every hidden layer"""
     actor_layernorm: bool = True
@@ -110,6 +116,13 @@ class Args:
     """name of the run directory under runs/ (default: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
     """torch device: auto picks cuda when available"""
+    compile: bool = False
+    """compile the networks with torch.compile (on GPUs into CUDA graphs, which removes the per-kernel launch
+    cost that bounds batch-256 updates); pays off on long runs"""
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    """bf16: the hidden layers' matmuls in bf16, everything else in fp32; auto: bf16 where it pays (CPUs with
+    AVX-512-BF16 or AMX), fp32 elsewhere (GPUs, where batch-256 updates are not bound by matmuls)"""
+
 
 
 # Per-dataset settings of the paper's authors (method.md): ensemble size N, eta, budgets, pre-training steps.
@@ -156,6 +169,13 @@ def edac_init(layers, last: nn.Module) -> None:
     nn.init.uniform_(last.bias, -3e-3, 3e-3)
 
 
+def low_precision(x, enabled):
+    """With --precision bf16, the hidden layers' matmuls run in bf16 (3-5x faster where the hardware has
+    bf16 units); weights, optimiser states and the output layers stay fp32, since a Q of 300 in bf16 has a
+    resolution of 2, as large as a reward. LayerNorm computes its statistics in fp32 either way."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
 class VectorizedLinear(nn.Module):
     """N independent linear layers applied in one batched matmul: x [N, B, in] -> [N, B, out]."""
 
@@ -174,18 +194,20 @@ class VectorizedLinear(nn.Module):
 class Actor(nn.Module):
     """Tanh-Gaussian policy with 3 hidden layers and separate mean and log-std heads."""
 
-    def __init__(self, obs_dim, act_dim, max_action, hidden_dim, layernorm):
+    def __init__(self, obs_dim, act_dim, max_action, hidden_dim, layernorm, bf16=False):
         super().__init__()
         self.trunk = nn.Sequential(*hidden_layers(obs_dim, hidden_dim, 3, layernorm))
         self.mean = nn.Linear(hidden_dim, act_dim)
         self.log_std = nn.Linear(hidden_dim, act_dim)
         edac_init(self.trunk, self.mean)
         edac_init([], self.log_std)
-        self.max_action = max_action
+        self.max_action, self.bf16 = max_action, bf16
 
     def distribution(self, obs):
-        h = self.trunk(obs)
-        return self.mean(h), self.log_std(h).clamp(-5.0, 2.0)
+        with low_precision(obs, self.bf16):
+            hidden = self.trunk(obs)
+        hidden = hidden.float()
+        return self.mean(hidden), self.log_std(hidden).clamp(-5.0, 2.0)
 
     def forward(self, obs, noise):
         """Reparameterised sample a = max_action * tanh(mean + std * noise) and its log-probability."""
@@ -194,16 +216,32 @@ class Actor(nn.Module):
         return self.max_action * torch.tanh(pre_tanh), self.log_prob_pre_tanh(mean, log_std, pre_tanh)
 
     def log_prob_pre_tanh(self, mean, log_std, pre_tanh):
-        gaussian = (-0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return self.coordinate_log_density(mean, log_std, pre_tanh).sum(-1)
+
+    def coordinate_log_density(self, mean, log_std, pre_tanh):
+        gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
         # Change of variables: log|d a / d u| = log(max_action) + log(1 - tanh(u)^2), written stably.
-        log_det = (2 * (math.log(2) - pre_tanh - F.softplus(-2 * pre_tanh)) + math.log(self.max_action)).sum(-1)
+        log_det = 2 * (math.log(2) - pre_tanh - F.softplus(-2 * pre_tanh)) + math.log(self.max_action)
         return gaussian - log_det
 
-    def log_prob(self, obs, action):
-        """log pi(a|s) of given (dataset) actions, through atanh of the clipped action."""
-        mean, log_std = self.distribution(obs)
-        pre_tanh = torch.atanh((action / self.max_action).clamp(-1 + 1e-6, 1 - 1e-6))
-        return self.log_prob_pre_tanh(mean, log_std, pre_tanh)
+    def data_log_prob(self, mean, log_std, action, saturation):
+        """Log-likelihood of dataset actions. A coordinate at or beyond `saturation` x max_action counts as
+        saturated, i.e. clipped by whatever produced the data (censored): its likelihood is the mass the
+        policy puts beyond that point, log P(+-u >= atanh(saturation)) = log Phi((+-mean - atanh(saturation))
+        / std). A density there instead grows without bound as the action nears the bound (atanh(1 - 1e-6)
+        = 7.25 costs thousands of nats for a narrow policy) and such coordinates would dominate the loss.
+        saturation = 1 keeps the density everywhere, through atanh of the action clipped to +-(1 - 1e-6)."""
+        a = action / self.max_action
+        if saturation >= 1:
+            return self.log_prob_pre_tanh(mean, log_std, torch.atanh(a.clamp(-1 + 1e-6, 1 - 1e-6)))
+        density = self.coordinate_log_density(mean, log_std, torch.atanh(a.clamp(-saturation, saturation)))
+        side = torch.sign(a)
+        mass = torch.special.log_ndtr((side * mean - math.atanh(saturation)) / log_std.exp())
+        return torch.where(a.abs() >= saturation, mass, density).sum(-1)
+
+    def log_prob(self, obs, action, saturation=1.0):
+        """log pi(a|s) of given (dataset) actions; see data_log_prob for `saturation`."""
+        return self.data_log_prob(*self.distribution(obs), action, saturation)
 
     def deterministic(self, obs):
         return self.max_action * torch.tanh(self.distribution(obs)[0])
@@ -213,22 +251,25 @@ class Critic(nn.Module):
     """N critics with 3 hidden layers as one vectorised ensemble: Q(s, a) -> [N, B].
     The action may be given per member, [N, B, A], to take each member's gradient with respect to it."""
 
-    def __init__(self, obs_dim, act_dim, hidden_dim, layernorm, num_critics):
+    def __init__(self, obs_dim, act_dim, hidden_dim, layernorm, num_critics, bf16=False):
         super().__init__()
         layers = []
         for i in range(3):
             layers += [VectorizedLinear(obs_dim + act_dim if i == 0 else hidden_dim, hidden_dim, num_critics)]
             layers += [nn.LayerNorm(hidden_dim, elementwise_affine=False)] if layernorm else []
             layers += [nn.ReLU()]
-        last = VectorizedLinear(hidden_dim, 1, num_critics)
-        edac_init(layers, last)
-        self.net = nn.Sequential(*layers, last)
-        self.num_critics = num_critics
+        self.trunk = nn.Sequential(*layers)
+        self.head = VectorizedLinear(hidden_dim, 1, num_critics)
+        edac_init(self.trunk, self.head)
+        self.num_critics, self.bf16 = num_critics, bf16
 
     def forward(self, obs, action):
         obs = obs.expand(self.num_critics, *obs.shape[-2:])
         action = action.expand(self.num_critics, *action.shape[-2:])
-        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+        x = torch.cat([obs, action], dim=-1)
+        with low_precision(x, self.bf16):
+            hidden = self.trunk(x)
+        return self.head(hidden.float()).squeeze(-1)
 
 
 @dataclass
@@ -245,15 +286,19 @@ class Learner:
 
 
 def make_learner(obs_dim, act_dim, max_action, args, device) -> Learner:
-    actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm).to(device)
-    critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm, args.num_critics).to(device)
-    target_critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm, args.num_critics).to(device)
+    bf16 = args.precision == "bf16"
+    actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm, bf16=bf16).to(device)
+    critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm, args.num_critics, bf16=bf16).to(device)
+    target_critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm, args.num_critics,
+                           bf16=bf16).to(device)
     target_critic.load_state_dict(critic.state_dict())
     log_alpha = torch.zeros((), device=device, requires_grad=True)
     # Fused Adam: one kernel updates all of a network's parameters (CPU and GPU alike).
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True)
-    alpha_opt = torch.optim.Adam([log_alpha], lr=args.learning_rate, fused=True)
+    # (capturable: the optimisers' step counts stay on the GPU, so that a CUDA graph can replay their steps.)
+    capturable = args.compile and device.type == "cuda"
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True, capturable=capturable)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True, capturable=capturable)
+    alpha_opt = torch.optim.Adam([log_alpha], lr=args.learning_rate, fused=True, capturable=capturable)
     return Learner(actor, critic, target_critic, log_alpha, actor_opt, critic_opt, alpha_opt)
 
 
@@ -266,7 +311,8 @@ def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
 def critic_loss_with_diversity(critic, obs, actions, target, eta):
     """Regression of all N critics onto `target`, plus EDAC's diversity term, from ONE forward pass:
     each member gets its own copy of the actions, so one backward gives every member's action gradient.
-    Diversity = mean over the batch of sum_{i != j} <g_i, g_j> / (N - 1), g_i = grad_a Q_i / |grad_a Q_i|."""
+    Diversity = mean over the batch of sum_{i != j} <g_i, g_j> / (N - 1), g_i = grad_a Q_i / |grad_a Q_i|.
+    Returns the loss and its parts (regression, diversity, mean Q of the given actions)."""
     actions = actions.expand(critic.num_critics, -1, -1).clone().requires_grad_(True)
     q = critic(obs, actions)
     regression = (q - target).pow(2).mean(1).sum()
@@ -275,7 +321,7 @@ def critic_loss_with_diversity(critic, obs, actions, target, eta):
     # sum_{i != j} <g_i, g_j> = |sum_i g_i|^2 - sum_i |g_i|^2
     cosine_sum = grads.sum(0).pow(2).sum(-1) - grads.pow(2).sum((0, 2))
     diversity = cosine_sum.mean() / (critic.num_critics - 1)
-    return regression + eta * diversity, regression, diversity
+    return regression + eta * diversity, {"regression": regression, "diversity": diversity, "q_data": q.mean()}
 
 
 # ================================================================================================ pre-training
@@ -288,15 +334,16 @@ def pretrain_phases(args) -> tuple:
     return actor_end, pretrain_end
 
 
-def soft_bc_step(learner, batch, noise):
-    """Soft behaviour cloning: maximise log pi(a|s) of dataset actions plus the entropy bonus."""
+def soft_bc_step(learner, batch, noise, args):
+    """Soft behaviour cloning: maximise log pi(a|s) of dataset actions plus the entropy bonus.
+    Returns the step's metrics, as tensors left on the device."""
     actor, log_alpha = learner.actor, learner.log_alpha
     alpha = log_alpha.exp().detach()
     # One pass through the trunk serves both the sampled action and the dataset action.
     mean, log_std = actor.distribution(batch["observations"])
     log_prob = actor.log_prob_pre_tanh(mean, log_std, mean + log_std.exp() * noise)
-    dataset_pre_tanh = torch.atanh((batch["actions"] / actor.max_action).clamp(-1 + 1e-6, 1 - 1e-6))
-    actor_loss = (alpha * log_prob - actor.log_prob_pre_tanh(mean, log_std, dataset_pre_tanh)).mean()
+    data_log_prob = actor.data_log_prob(mean, log_std, batch["actions"], args.action_saturation)
+    actor_loss = (alpha * log_prob - data_log_prob).mean()
     learner.actor_opt.zero_grad(set_to_none=True)
     actor_loss.backward()
     learner.actor_opt.step()
@@ -305,7 +352,8 @@ def soft_bc_step(learner, batch, noise):
     learner.alpha_opt.zero_grad(set_to_none=True)
     alpha_loss.backward()
     learner.alpha_opt.step()
-    return {"pretrain_actor": actor_loss, "alpha": alpha_loss}
+    return {"losses/pretrain_actor": actor_loss, "losses/alpha": alpha_loss, "charts/alpha": alpha,
+            "charts/entropy": -log_prob.detach().mean(), "charts/log_std": log_std.detach().mean()}
 
 
 @torch.no_grad()
@@ -349,19 +397,25 @@ def dataset_soft_lambda_returns(data, next_entropies, learner, sampler, args, ch
     return torch.as_tensor(returns, dtype=torch.float32, device=data["rewards"].device)
 
 
-def critic_pretrain_step(learner, batch, returns_to_go, args):
-    loss, regression, diversity = critic_loss_with_diversity(learner.critic, batch["observations"], batch["actions"],
-                                                             returns_to_go, args.eta)
+def critic_pretrain_step(learner, batch, returns_to_go, noise, args):
+    """All N critics regress onto the soft returns, with the diversity term on; actor and alpha stay frozen."""
+    loss, parts = critic_loss_with_diversity(learner.critic, batch["observations"], batch["actions"], returns_to_go,
+                                             args.eta)
     learner.critic_opt.zero_grad(set_to_none=True)
     loss.backward()
     learner.critic_opt.step()
     polyak_update(learner.critic, learner.target_critic, args.tau)
-    return {"pretrain_critic": regression, "diversity": diversity}
+    with torch.no_grad():
+        q_policy = learner.critic(batch["observations"], learner.actor(batch["observations"], noise)[0])
+    return {"losses/pretrain_critic": parts["regression"], "losses/diversity": parts["diversity"],
+            "values/q_data": parts["q_data"], "values/q_policy": q_policy.mean(), "values/target": returns_to_go.mean()}
 
 
 # ================================================================================================ EDAC
 def edac_step(learner, batch, noise, next_noise, args):
-    """One EDAC+BC update: temperature, actor (against the ensemble's minimum, plus BC), critics with diversity."""
+    """One EDAC+BC update: temperature, actor (against the ensemble's minimum, plus BC), critics with
+    diversity.
+    Returns the step's metrics, as tensors left on the device."""
     actor, critic, log_alpha = learner.actor, learner.critic, learner.log_alpha
     action, log_prob = actor(batch["observations"], noise)
     target_entropy = -float(batch["actions"].shape[-1])  # -|A|
@@ -372,9 +426,9 @@ def edac_step(learner, batch, noise, next_noise, args):
     alpha = log_alpha.exp().detach()
 
     critic.requires_grad_(False)  # the actor's loss needs dQ/da, not gradients for the critics' weights
-    q_pi = critic(batch["observations"], action).min(0).values
+    q_policy = critic(batch["observations"], action)
     critic.requires_grad_(True)
-    actor_loss = (alpha * log_prob - q_pi).mean()
+    actor_loss = (alpha * log_prob - q_policy.min(0).values).mean()
     bc_loss = F.mse_loss(action, batch["actions"])
     learner.actor_opt.zero_grad(set_to_none=True)
     # Divide by ABSOLUTE detached values: dividing by a signed one flips the gradient when the loss < 0.
@@ -387,13 +441,16 @@ def edac_step(learner, batch, noise, next_noise, args):
         next_v = learner.target_critic(batch["next_observations"], next_action).min(0).values - alpha * next_log_prob
         # Bootstrap through truncations (time limits), never through true terminals.
         td_target = batch["rewards"] + args.gamma * (1.0 - batch["terminations"]) * next_v
-    critic_loss, regression, diversity = critic_loss_with_diversity(critic, batch["observations"], batch["actions"],
-                                                                    td_target, args.eta)
+    critic_loss, parts = critic_loss_with_diversity(critic, batch["observations"], batch["actions"], td_target,
+                                                    args.eta)
     learner.critic_opt.zero_grad(set_to_none=True)
     critic_loss.backward()
     learner.critic_opt.step()
     polyak_update(critic, learner.target_critic, args.tau)
-    return {"critic": regression, "diversity": diversity, "actor": actor_loss, "bc": bc_loss, "alpha": alpha_loss}
+    return {"losses/critic": parts["regression"], "losses/diversity": parts["diversity"],
+            "losses/actor": actor_loss, "losses/bc": bc_loss, "losses/alpha": alpha_loss,
+            "values/q_data": parts["q_data"], "values/q_policy": q_policy.detach().mean(),
+            "values/target": td_target.mean(), "charts/alpha": alpha, "charts/entropy": -log_prob.detach().mean()}
 
 
 # ================================================================================================ training loop
@@ -401,10 +458,10 @@ def main(args: Args) -> None:
     args, checkpoint = prepare_args(args)  # resume, per-dataset defaults, checks
     datasets, data = load_data(args.env_id)  # every transition as flat NumPy arrays, checked
     device = pick_device(args.device)
+    args.precision = pick_precision(args.precision, device)
     if checkpoint is None:
         seed_everything(args.seed)
-    sampler = torch.Generator(device=device)  # batch indices and noise, drawn on the training device
-    sampler.manual_seed(args.seed)
+    sampler = make_sampler(args.seed, device)  # batch indices and noise, drawn on the training device
 
     # States normalised by the dataset's statistics, here and at evaluation. The soft returns need the
     # pre-trained actor, so they come after soft behaviour cloning.
@@ -417,9 +474,11 @@ def main(args: Args) -> None:
     num_transitions, obs_dim = data["observations"].shape
     act_dim = data["actions"].shape[1]
     learner = make_learner(obs_dim, act_dim, float(datasets[0].action_space.high[0]), args, device)
+    soft_bc, critic_pretrain, update = speed_up([soft_bc_step, critic_pretrain_step, edac_step], learner, device,
+                                                args)  # with --compile
     actor_end, pretrain_end = pretrain_phases(args)
 
-    run = Run(args, datasets, learner, sampler, (obs_mean, obs_std), device, checkpoint)
+    run = Run(args, datasets, data, learner, sampler, (obs_mean, obs_std), checkpoint)
     if checkpoint is not None and checkpoint["next_entropies"] is not None:
         returns_to_go, next_entropies = checkpoint["returns_to_go"].to(device), checkpoint["next_entropies"].to(device)
     for step in range(run.start_step, args.total_steps):
@@ -427,17 +486,19 @@ def main(args: Args) -> None:
         batch = {k: v[idx] for k, v in data.items()}
         noise, next_noise = torch.randn(2, args.batch_size, act_dim, device=device, generator=sampler)
         if step < actor_end:  # 1. soft behaviour cloning of the actor and its temperature
-            losses = soft_bc_step(learner, batch, noise)
+            metrics = soft_bc(learner, batch, noise, args)
         elif step < pretrain_end:  # 2. the critics, on soft returns of the frozen actor
             if next_entropies is None:
                 next_entropies = dataset_entropies(data, learner.actor, sampler, args.entropy_samples)
                 returns_to_go = dataset_soft_returns(data, next_entropies, learner.log_alpha.exp().item(), args)
-            if args.lam > 0 and (step - actor_end) % args.lambda_refresh_interval == 0:
+            # lambda-returns bootstrap from the critics, so they come once the critics fit the MC returns.
+            critic_steps = step - actor_end
+            if args.lam > 0 and critic_steps > 0 and critic_steps % args.lambda_refresh_interval == 0:
                 returns_to_go = dataset_soft_lambda_returns(data, next_entropies, learner, sampler, args)
-            losses = critic_pretrain_step(learner, batch, returns_to_go[idx], args)
+            metrics = critic_pretrain(learner, batch, returns_to_go[idx], noise, args)
         else:  # 3. EDAC from the pre-trained networks
-            losses = edac_step(learner, batch, noise, next_noise, args)
-        run.end_step(step, losses, {"returns_to_go": returns_to_go, "next_entropies": next_entropies})
+            metrics = update(learner, batch, noise, next_noise, args)
+        run.end_step(step, metrics, {"returns_to_go": returns_to_go, "next_entropies": next_entropies})
     run.finish()
 
 
@@ -460,12 +521,44 @@ def evaluate(actor, envs, obs_mean, obs_std, seed, ignore_terminated_until, devi
     return returns
 
 
-def normalized_score(dataset, returns):
-    """Score x 100 from the dataset's reference returns (0 random, 100 expert); raw return without them."""
+# D4RL's reference returns (random policy, expert policy), for datasets that carry none of their own,
+# such as Minari's mujoco/*-v0 (Minari issue #323).
+D4RL_REFERENCE_RETURNS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                          "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
+
+
+def score_reference(dataset):
+    """(random return, expert return, where they come from) for normalised scores, or None: the dataset's
+    own reference returns if it has them, else D4RL's for its task, else none."""
     metadata = dataset.storage.metadata
-    if metadata.get("ref_min_score") is None or metadata.get("ref_max_score") is None:
-        return float(np.mean(returns))
-    return float(np.mean(minari.get_normalized_score(dataset, returns))) * 100
+    if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
+        return float(metadata["ref_min_score"]), float(metadata["ref_max_score"]), "the dataset's reference returns"
+    env_name = dataset_name_parts(dataset.spec.dataset_id)[0]
+    if env_name in D4RL_REFERENCE_RETURNS:
+        return (*D4RL_REFERENCE_RETURNS[env_name], f"D4RL's {env_name} reference returns (the dataset has none)")
+    return None
+
+
+def normalized_score(returns, reference):
+    """100 * (return - random return) / (expert return - random return), averaged over episodes."""
+    return float(100 * (np.mean(returns) - reference[0]) / (reference[1] - reference[0]))
+
+
+@torch.no_grad()
+def pretraining_fit(learner, data, returns_to_go, sample_size=10_000):
+    """How well pre-training fit, on a fixed sample of the data (evenly spaced transitions): the critics'
+    explained variance of their (soft) targets, 1 - Var(G - Q_j) / Var(G) averaged over the critics, their
+    mean prediction beside the mean target, and the deterministic actor's behaviour-cloning error."""
+    n = len(data["rewards"])
+    idx = torch.linspace(0, n - 1, min(sample_size, n), device=data["rewards"].device).long()
+    obs, actions = data["observations"][idx], data["actions"][idx]
+    fit = {"pretrain/bc_mse": F.mse_loss(learner.actor.deterministic(obs), actions)}
+    if returns_to_go is not None:  # the critics were pre-trained
+        target, q = returns_to_go[idx], learner.critic(obs, actions)
+        explained = 1 - (target - q).var(dim=1) / target.var().clamp_min(1e-8)
+        fit |= {"pretrain/critic_explained_variance": explained.mean(), "pretrain/q_mean": q.mean(),
+                "pretrain/target_mean": target.mean()}
+    return fit
 
 
 # ================================================================================================ plumbing
@@ -476,8 +569,8 @@ def check_args(args: Args) -> None:
     problems = []
     if not 0.0 <= args.lam <= 1.0:
         problems.append(f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}")
-    for name in ("total_steps", "batch_size", "hidden_dim", "eval_interval", "log_interval", "entropy_samples",
-                 "lambda_refresh_interval"):
+    for name in ("total_steps", "batch_size", "hidden_dim", "eval_interval", "log_interval",
+                 "entropy_samples", "lambda_refresh_interval"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -495,6 +588,8 @@ def check_args(args: Args) -> None:
         problems.append(f"--eta must not be negative, got {args.eta}")
     if not 0.0 <= args.actor_pretrain_fraction <= 1.0:
         problems.append(f"--actor-pretrain-fraction must lie in [0, 1], got {args.actor_pretrain_fraction}")
+    if not 0.0 < args.action_saturation <= 1.0:
+        problems.append(f"--action-saturation must lie in (0, 1], got {args.action_saturation}")
     if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma < 1.0 or args.learning_rate <= 0:
         problems.append("--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive")
     if problems:
@@ -526,10 +621,33 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
+def pick_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on CPUs with bf16 matmul units (AVX-512-BF16, AMX), where it makes an update 1.3-2x faster;
+    fp32 on GPUs, where a batch-256 update is bound by kernel launches, not matmuls (bf16 measured no faster
+    there, benchmark_results/throughput_gpu.md)."""
+    if device.type == "cuda":
+        supported, fast = torch.cuda.is_bf16_supported(including_emulation=False), False
+    else:
+        capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        supported = fast = capabilities.get("avx512_bf16", False) or capabilities.get("amx_bf16", False)
+    if precision == "bf16" and not supported:
+        print(f"note: this {device.type} has no fast bf16 matmuls; training in fp32")
+        return "fp32"
+    return ("bf16" if fast else "fp32") if precision == "auto" else precision
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def make_sampler(seed: int, device) -> torch.Generator:
+    """The generator of batch indices and noise, on the training device, seeded from its own stream of
+    `seed`: seeded with `seed` itself, its first draws would repeat those that initialised the networks."""
+    sampler = torch.Generator(device=device)
+    sampler.manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+    return sampler
 
 
 D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+?)-v\d+$")
@@ -638,17 +756,74 @@ def make_eval_envs(dataset, num_envs):
                          "without evaluation with --eval-episodes 0.")
 
 
+def speed_up(steps, learner, device, args):
+    """--compile: on a GPU every update step replays as a CUDA graph; elsewhere the networks are compiled
+    with torch.compile, which fuses their elementwise work."""
+    if not args.compile:
+        return steps
+    if device.type == "cuda":
+        return [CUDAGraphStep(step) for step in steps]
+    # (Not the critics: the diversity term backpropagates through their action gradients, a double backward
+    # that torch.compile does not support.)
+    for network in (learner.actor, learner.target_critic):
+        network.compile()
+    return steps
+
+
+class CUDAGraphStep:
+    """--compile on a GPU: each call of an update step (its forward and backward passes, optimiser steps and
+    target updates) replays as one CUDA graph. A batch-256 update is a few hundred small kernels, and on a
+    GPU launching them, not running them, is what takes the time. The first calls of each kind of step (one
+    kind per value of its plain arguments, e.g. TD3's actor-update flag) run eagerly on a side stream, which
+    sets up the optimisers' state and the libraries; the next is captured; every later call copies its tensor
+    arguments (tensors, or dicts of them) into the graph's static inputs and replays it."""
+
+    def __init__(self, step, warmup_calls=3):
+        self.step, self.warmup_calls, self.calls, self.graphs = step, warmup_calls, {}, {}
+        self.side_stream = torch.cuda.Stream()
+
+    def __call__(self, *args):
+        tensor_args = lambda arg: isinstance(arg, torch.Tensor) or (isinstance(arg, dict) and all(
+            isinstance(v, torch.Tensor) for v in arg.values()))
+        key = tuple(None if tensor_args(a) else a if isinstance(a, (bool, int, float, str)) else id(a) for a in args)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] <= self.warmup_calls:
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                out = self.step(*args)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return out
+        copy = lambda arg: ({k: v.clone() for k, v in arg.items()} if isinstance(arg, dict) else arg.clone()) \
+            if tensor_args(arg) else arg
+        if key not in self.graphs:
+            static_args, graph = [copy(a) for a in args], torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.step(*static_args)
+            self.graphs[key] = graph, static_args, static_out
+        graph, static_args, static_out = self.graphs[key]
+        for static, arg in zip(static_args, args):
+            if isinstance(static, torch.Tensor):
+                static.copy_(arg)
+            elif tensor_args(static):
+                for name, value in static.items():
+                    value.copy_(arg[name])
+        graph.replay()
+        return static_out
+
+
 class Run:
     """The run's bookkeeping around the training loop: the run directory, tensorboard, the progress bar,
     evaluation, checkpoints and resuming. `end_step` does whatever is due after a gradient step."""
 
-    def __init__(self, args, datasets, learner, sampler, obs_stats, device, checkpoint):
-        self.args, self.dataset, self.learner, self.sampler, self.device = args, datasets[0], learner, sampler, device
+    def __init__(self, args, datasets, data, learner, sampler, obs_stats, checkpoint):
+        self.args, self.dataset, self.data, self.learner, self.sampler = args, datasets[0], data, learner, sampler
+        self.device = data["rewards"].device
         self.obs_mean, self.obs_std = obs_stats
-        self.obs_stats_t = [torch.as_tensor(x, dtype=torch.float32, device=device) for x in obs_stats]
+        self.obs_stats_t = [torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in obs_stats]
         self.envs = make_eval_envs(self.dataset, args.eval_episodes) if args.eval_episodes > 0 else []
         env_name = dataset_name_parts(self.dataset.spec.dataset_id)[0]
         self.ignore_terminated_until = ADROIT_ENVS.get(env_name, 0) if args.eval_protocol == "adroit" else 0
+        self.reference = score_reference(self.dataset)
         self.start_step = 0
         run_name = args.run_name or "__".join([args.env_id.replace("/", "_"), Path(__file__).stem, str(args.seed),
                                                str(int(time.time()))])
@@ -661,46 +836,65 @@ class Run:
         os.makedirs(self.dir, exist_ok=True)
         # purge_step drops events logged after the checkpoint, so a resumed run has no duplicated steps.
         self.writer = SummaryWriter(self.dir, purge_step=self.start_step + 1 if args.resume else None)
+        score_note = (f"normalised with {self.reference[2]}: random {self.reference[0]:g}, expert {self.reference[1]:g}"
+                      if self.reference else f"no reference returns for '{env_name}': logging returns only")
         if args.resume is None:
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                                  "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
             self.writer.add_text("eval/protocol", args.eval_protocol)
-        self.loss_log = LossLog(["pretrain_actor", "pretrain_critic", "critic", "diversity", "actor", "bc", "alpha"],
-                                args.log_interval, device, self.start_step)
+            self.writer.add_text("eval/score_reference", score_note)
+        if self.envs:
+            print(f"scores: {score_note}")
+        self.metric_log = MetricLog(args.log_interval, self.device, self.start_step)
         self.progress = tqdm(total=args.total_steps, initial=self.start_step, unit="step",
                              desc=run_name if args.resume is None else self.dir)
-        self.last_time, self.last_step, self.score = time.time(), self.start_step, None
+        self.last_time, self.last_step, self.final = time.time(), self.start_step, None
 
-    def end_step(self, step, losses, targets):
+    def end_step(self, step, metrics, targets):
         args, done_steps = self.args, step + 1
-        self.loss_log.add(step, losses)
+        self.metric_log.add(step, metrics)
         try:
             if done_steps % args.log_interval == 0 or done_steps == args.total_steps:
-                for name, value in self.loss_log.flush(done_steps).items():
-                    self.writer.add_scalar(f"losses/{name}", value, done_steps)
+                for name, value in self.metric_log.flush(done_steps).items():
+                    self.writer.add_scalar(name, value, done_steps)
                 self.writer.add_scalar("charts/SPS", (done_steps - self.last_step) / (time.time() - self.last_time),
                                        done_steps)
                 self.last_time, self.last_step = time.time(), done_steps
             if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
-                self.loss_log.check()  # never checkpoint a diverged model
+                self.metric_log.check()  # never checkpoint a diverged model
         except FloatingPointError as e:
             raise SystemExit(f"error: {e}; stopping. The last good checkpoint in {self.dir} is intact; "
                              "lower --learning-rate or check the data.")
+        if done_steps == pretrain_phases(args)[1]:
+            self.log_pretraining_fit(done_steps, targets["returns_to_go"])
         if self.envs and (done_steps % args.eval_interval == 0 or done_steps == args.total_steps):
             self.evaluate(done_steps)
         if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
             self.save_checkpoint(done_steps, targets)  # after this step's logs and evaluation, which resuming keeps
         self.progress.update(1)
 
+    def log_pretraining_fit(self, done_steps, returns_to_go):
+        fit = {name: value.item() for name, value in pretraining_fit(self.learner, self.data, returns_to_go).items()}
+        for name, value in fit.items():
+            self.writer.add_scalar(name, value, done_steps)
+        critics = (f"the critics explain {fit['pretrain/critic_explained_variance']:.1%} of their targets' variance "
+                   f"(mean Q {fit['pretrain/q_mean']:.1f}, mean target {fit['pretrain/target_mean']:.1f}); "
+                   if "pretrain/q_mean" in fit else "")
+        self.progress.write(f"pre-training done at step {done_steps}: {critics}"
+                            f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}")
+
     def evaluate(self, done_steps):
         eval_start = time.time()
         returns = evaluate(self.learner.actor, self.envs, *self.obs_stats_t, self.args.seed * 100_000 + done_steps,
                            self.ignore_terminated_until, self.device)
-        self.score = normalized_score(self.dataset, returns)
-        self.writer.add_scalar("eval/normalized_score", self.score, done_steps)
         self.writer.add_scalar("eval/return", float(np.mean(returns)), done_steps)
+        if self.reference:
+            self.final = ("normalised score", normalized_score(returns, self.reference))
+            self.writer.add_scalar("eval/normalized_score", self.final[1], done_steps)
+        else:
+            self.final = ("return", float(np.mean(returns)))
         self.writer.add_scalar("charts/eval_seconds", time.time() - eval_start, done_steps)
-        self.progress.set_postfix(score=f"{self.score:.1f}")
+        self.progress.set_postfix({"score" if self.reference else "return": f"{self.final[1]:.1f}"})
         self.last_time += time.time() - eval_start  # keep evaluation out of the SPS figure
 
     def save_checkpoint(self, step, targets):
@@ -717,23 +911,30 @@ class Run:
                     "args": asdict(self.args)},
                    os.path.join(self.dir, "model.pt"))
         self.writer.close()
-        score = f"; final normalised score {self.score:.1f}" if self.score is not None else ""
-        print(f"saved {os.path.join(self.dir, 'model.pt')}{score}")
+        final = f"; final {self.final[0]} {self.final[1]:.1f}" if self.final is not None else ""
+        print(f"saved {os.path.join(self.dir, 'model.pt')}{final}")
 
 
-class LossLog:
-    """Keeps each step's losses on the device (no host sync per step). `check` stops the run, naming the
-    loss and the exact step, if any became NaN or infinite; `flush` also returns the window's means."""
+class MetricLog:
+    """Keeps each step's metrics on the device (no host sync per step); `flush` returns each metric's mean
+    over the steps that reported it. `check` stops the run, naming the metric and the exact step, if any
+    became NaN or infinite."""
 
-    def __init__(self, names, interval, device, start_step):
-        self.names, self.interval, self.start = list(names), interval, start_step
-        self.values = torch.zeros(interval, len(self.names), device=device)
-        self.counts = [0] * len(self.names)
+    def __init__(self, interval, device, start_step):
+        self.interval, self.start, self.device = interval, start_step, device
+        self.names, self.values = [], torch.zeros(interval, 0, device=device)
+        self.columns, self.counts = {}, {}  # per set of metric names (one per kind of step)
 
-    def add(self, step, losses):
-        for name, value in losses.items():
-            self.values[step % self.interval, self.names.index(name)] = value.detach()
-            self.counts[self.names.index(name)] += 1
+    def add(self, step, metrics):
+        key = tuple(metrics)
+        if key not in self.columns:
+            new = [name for name in key if name not in self.names]
+            self.names += new
+            self.values = torch.cat([self.values, torch.zeros(self.interval, len(new), device=self.device)], 1)
+            self.columns[key] = torch.tensor([self.names.index(n) for n in key], device=self.device)
+            self.counts[key] = 0
+        self.values[step % self.interval, self.columns[key]] = torch.stack(list(metrics.values())).detach().float()
+        self.counts[key] += 1
 
     def check(self):
         bad = ~torch.isfinite(self.values)
@@ -742,15 +943,15 @@ class LossLog:
             steps = self.start + (rows - self.start) % self.interval  # the window's steps, in order
             first = int(steps.argmin())
             value = self.values[rows[first], cols[first]].item()
-            raise FloatingPointError(f"the {self.names[cols[first]]} loss became {value} "
-                                     f"at step {int(steps[first]) + 1}")
+            raise FloatingPointError(f"{self.names[cols[first]]} became {value} at step {int(steps[first]) + 1}")
 
     def flush(self, step):
         self.check()
-        sums = self.values.sum(0).tolist()
-        means = {n: total / c for n, total, c in zip(self.names, sums, self.counts) if c}
+        counts = [sum(n for key, n in self.counts.items() if name in key) for name in self.names]
+        means = {name: total / count for name, total, count in zip(self.names, self.values.sum(0).tolist(), counts)
+                 if count}
         self.values.zero_()
-        self.counts, self.start = [0] * len(self.names), step
+        self.counts, self.start = dict.fromkeys(self.counts, 0), step
         return means
 
 
@@ -770,8 +971,11 @@ def restore(learner: Learner, checkpoint: dict) -> None:
         if isinstance(value, torch.Tensor):
             with torch.no_grad():
                 value.copy_(checkpoint[field.name])
-        else:
-            value.load_state_dict(checkpoint[field.name])
+            continue
+        capturable = [group.get("capturable") for group in getattr(value, "param_groups", [])]
+        value.load_state_dict(checkpoint[field.name])
+        for group, flag in zip(getattr(value, "param_groups", []), capturable):
+            group["capturable"] = flag  # this run's setting (--compile on a GPU), not the saved run's
 
 
 def save_atomic(obj, path):

@@ -8,7 +8,9 @@ Devlin and Storkey, 2024, arXiv 2406.13376) on top of TD3+BC (Fujimoto and Gu, 2
      the behaviour policy;
   3. continue with TD3+BC from those networks, target networks and optimiser states.
 LayerNorm follows every hidden linear layer of actor and critic. With --lam > 0 the critics regress
-onto lambda-returns (lam = 0 is pure Monte-Carlo, lam = 1 one-step TD) for small or stochastic data.
+onto lambda-returns (lam = 0 is pure Monte-Carlo, lam = 1 one-step TD) for small or stochastic data:
+they first fit the Monte-Carlo returns for one --lambda-refresh-interval, and only then are the
+lambda-returns computed from them, and recomputed every interval after that.
 
 Usage:
     python algos/td3bc_pretrain.py --env-id hopper-medium-v2
@@ -59,8 +61,8 @@ class Args:
     lam: float = 0.0
     """lambda of the critics' pre-training targets: 0 is pure Monte-Carlo, 1 is one-step TD"""
     lambda_refresh_interval: int = 5000
-    """with --lam > 0: recompute the lambda-returns over the whole dataset from the target networks
-    every this many steps"""
+    """with --lam > 0: the critics fit the Monte-Carlo returns for this many steps before the first
+    lambda-returns are computed from the target networks, and these are recomputed every this many steps"""
     alpha: Optional[float] = None
     """TD3+BC's weight on Q in the actor loss (default per dataset: halfcheetah 20, hopper 10, walker2d 5
     for medium data, 2.5 for random/expert/medium-expert, Adroit 1)"""
@@ -103,6 +105,12 @@ class Args:
     """name of the run directory under runs/ (default: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
     """torch device: auto picks cuda when available"""
+    compile: bool = False
+    """compile the networks with torch.compile (on GPUs into CUDA graphs, which removes the per-kernel launch
+    cost that bounds batch-256 updates); pays off on long runs"""
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    """bf16: the hidden layers' matmuls in bf16, everything else in fp32; auto: bf16 where it pays (CPUs with
+    AVX-512-BF16 or AMX), fp32 elsewhere (GPUs, where batch-256 updates are not bound by matmuls)"""
 
 
 # Per-dataset settings of the paper's authors: TD3+BC's alpha, budgets, pre-training steps.
@@ -129,17 +137,26 @@ def hidden_layers(in_dim: int, hidden_dim: int, depth: int, layernorm: bool) -> 
     return layers
 
 
+def low_precision(x, enabled):
+    """With --precision bf16, the hidden layers' matmuls run in bf16 (3-5x faster where the hardware has
+    bf16 units); weights, optimiser states and the output layers stay fp32, since a Q of 300 in bf16 has a
+    resolution of 2, as large as a reward. LayerNorm computes its statistics in fp32 either way."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
 class Actor(nn.Module):
     """Deterministic tanh policy with 3 hidden layers (the authors' final architecture)."""
 
-    def __init__(self, obs_dim, act_dim, max_action, hidden_dim, layernorm):
+    def __init__(self, obs_dim, act_dim, max_action, hidden_dim, layernorm, bf16=False):
         super().__init__()
-        self.net = nn.Sequential(*hidden_layers(obs_dim, hidden_dim, 3, layernorm), nn.Linear(hidden_dim, act_dim),
-                                 nn.Tanh())
-        self.max_action = max_action
+        self.trunk = nn.Sequential(*hidden_layers(obs_dim, hidden_dim, 3, layernorm))
+        self.head = nn.Linear(hidden_dim, act_dim)
+        self.max_action, self.bf16 = max_action, bf16
 
     def forward(self, obs):
-        return self.max_action * self.net(obs)
+        with low_precision(obs, self.bf16):
+            hidden = self.trunk(obs)
+        return self.max_action * torch.tanh(self.head(hidden.float()))
 
 
 class VectorizedLinear(nn.Module):
@@ -160,28 +177,22 @@ class VectorizedLinear(nn.Module):
 class Critic(nn.Module):
     """TD3's twin critics as one 2-member ensemble, 2 hidden layers each: Q(s, a) -> [2, B]."""
 
-    def __init__(self, obs_dim, act_dim, hidden_dim, layernorm, num_critics=2):
+    def __init__(self, obs_dim, act_dim, hidden_dim, layernorm, num_critics=2, bf16=False):
         super().__init__()
         layers = []
         for i in range(2):
             layers += [VectorizedLinear(obs_dim + act_dim if i == 0 else hidden_dim, hidden_dim, num_critics)]
             layers += [nn.LayerNorm(hidden_dim, elementwise_affine=False)] if layernorm else []
             layers += [nn.ReLU()]
-        self.net = nn.Sequential(*layers, VectorizedLinear(hidden_dim, 1, num_critics))
-        self.num_critics = num_critics
+        self.trunk = nn.Sequential(*layers)
+        self.head = VectorizedLinear(hidden_dim, 1, num_critics)
+        self.num_critics, self.bf16 = num_critics, bf16
 
     def forward(self, obs, action):
         x = torch.cat([obs, action], dim=-1).expand(self.num_critics, -1, -1)
-        return self.net(x).squeeze(-1)
-
-    def q1(self, obs, action):
-        """Q_1 alone, with the critics' weights detached: TD3's actor follows Q_1 only, and its loss
-        needs dQ/da, not gradients for the critics' weights (this saves the actor update a third)."""
-        x = torch.cat([obs, action], dim=-1)
-        for layer in self.net:
-            is_linear = isinstance(layer, VectorizedLinear)
-            x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach()) if is_linear else layer(x)
-        return x.squeeze(-1)
+        with low_precision(x, self.bf16):
+            hidden = self.trunk(x)
+        return self.head(hidden.float()).squeeze(-1)
 
 
 @dataclass
@@ -197,15 +208,18 @@ class Learner:
 
 
 def make_learner(obs_dim, act_dim, max_action, args, device) -> Learner:
-    actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm).to(device)
-    critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm).to(device)
-    target_actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm).to(device)
-    target_critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm).to(device)
+    bf16 = args.precision == "bf16"
+    actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm, bf16=bf16).to(device)
+    critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm, bf16=bf16).to(device)
+    target_actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm, bf16=bf16).to(device)
+    target_critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm, bf16=bf16).to(device)
     target_actor.load_state_dict(actor.state_dict())
     target_critic.load_state_dict(critic.state_dict())
     # Fused Adam: one kernel updates all of a network's parameters (CPU and GPU alike).
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True)
+    # (capturable: the optimisers' step counts stay on the GPU, so that a CUDA graph can replay their steps.)
+    capturable = args.compile and device.type == "cuda"
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True, capturable=capturable)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True, capturable=capturable)
     return Learner(actor, critic, target_actor, target_critic, actor_opt, critic_opt)
 
 
@@ -230,25 +244,30 @@ def dataset_lambda_returns(data, learner, args, chunk=65536):
 
 
 def pretrain_step(learner, batch, returns_to_go, args):
-    """Joint pre-training: behaviour cloning for the actor, regression onto returns for both critics."""
-    losses = {}
+    """Joint pre-training: behaviour cloning for the actor, regression onto returns for both critics.
+    Returns the step's metrics (losses and mean values), as tensors left on the device."""
+    metrics = {}
+    pi = learner.actor(batch["observations"])
     if args.pretrain in ("actor-critic", "actor"):
-        actor_loss = F.mse_loss(learner.actor(batch["observations"]), batch["actions"])
+        actor_loss = F.mse_loss(pi, batch["actions"])
         learner.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         learner.actor_opt.step()
-        losses["pretrain_actor"] = actor_loss
+        metrics["losses/pretrain_actor"] = actor_loss
+    q = learner.critic(batch["observations"], batch["actions"])
     if args.pretrain in ("actor-critic", "critic"):
-        q = learner.critic(batch["observations"], batch["actions"])
         critic_loss = (q - returns_to_go).pow(2).mean(1).sum()
         learner.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         learner.critic_opt.step()
-        losses["pretrain_critic"] = critic_loss
+        metrics["losses/pretrain_critic"] = critic_loss
+    with torch.no_grad():
+        q_policy = learner.critic(batch["observations"], pi.detach())
+    metrics |= {"values/q_data": q.mean(), "values/q_policy": q_policy.mean(), "values/target": returns_to_go.mean()}
     # The targets follow from the start, so that TD3+BC inherits targets consistent with its networks.
     polyak_update(learner.actor, learner.target_actor, args.tau)
     polyak_update(learner.critic, learner.target_critic, args.tau)
-    return losses
+    return metrics
 
 
 # ================================================================================================ TD3+BC
@@ -267,19 +286,24 @@ def td3bc_step(learner, batch, noise, update_actor, args):
     learner.critic_opt.zero_grad(set_to_none=True)
     critic_loss.backward()
     learner.critic_opt.step()
-    losses = {"critic": critic_loss}
+    metrics = {"losses/critic": critic_loss,
+               "values/q_data": q.mean(), "values/target": td_target.mean()}
     if update_actor:
         pi = actor(batch["observations"])
-        q_pi = critic.q1(batch["observations"], pi)
-        lmbda = args.alpha / q_pi.abs().mean().detach()  # TD3+BC: scale Q to the size of the BC term
-        actor_loss = -lmbda * q_pi.mean() + F.mse_loss(pi, batch["actions"])
+        critic.requires_grad_(False)  # the actor's loss needs dQ/da, not gradients for the critics' weights
+        q_pi = critic(batch["observations"], pi)[0]  # TD3's actor follows Q_1 alone
+        critic.requires_grad_(True)
+        q_weight = args.alpha / q_pi.abs().mean().detach()  # TD3+BC: scale Q to the size of the BC term
+        bc_mse = F.mse_loss(pi, batch["actions"])
+        actor_loss = -q_weight * q_pi.mean() + bc_mse
         learner.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         learner.actor_opt.step()
-        losses["actor"] = actor_loss
+        metrics |= {"losses/actor": actor_loss, "losses/bc_mse": bc_mse, "values/q_policy": q_pi.mean(),
+                    "charts/q_weight": q_weight}
         polyak_update(actor, learner.target_actor, args.tau)
         polyak_update(critic, learner.target_critic, args.tau)
-    return losses
+    return metrics
 
 
 # ================================================================================================ training loop
@@ -287,10 +311,10 @@ def main(args: Args) -> None:
     args, checkpoint = prepare_args(args)  # resume, per-dataset defaults, checks
     datasets, data = load_data(args.env_id)  # every transition as flat NumPy arrays, checked
     device = pick_device(args.device)
+    args.precision = pick_precision(args.precision, device)
     if checkpoint is None:
         seed_everything(args.seed)
-    sampler = torch.Generator(device=device)  # batch indices and noise, drawn on the training device
-    sampler.manual_seed(args.seed)
+    sampler = make_sampler(args.seed, device)  # batch indices and noise, drawn on the training device
 
     # 1. Monte-Carlo returns-to-go of the raw rewards: the critics' pre-training targets.
     returns_to_go = mc_returns(data["rewards"], data["terminations"], data["truncations"], args.gamma,
@@ -305,22 +329,24 @@ def main(args: Args) -> None:
     num_transitions, obs_dim = data["observations"].shape
     act_dim = data["actions"].shape[1]
     learner = make_learner(obs_dim, act_dim, float(datasets[0].action_space.high[0]), args, device)
+    pretrain, update = speed_up([pretrain_step, td3bc_step], learner, device, args)  # with --compile
 
-    run = Run(args, datasets, learner, sampler, (obs_mean, obs_std), device, checkpoint)
+    run = Run(args, datasets, data, learner, sampler, (obs_mean, obs_std), checkpoint)
     if checkpoint is not None:
         returns_to_go = checkpoint["returns_to_go"].to(device)
     for step in range(run.start_step, args.total_steps):
         idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=sampler)
         batch = {k: v[idx] for k, v in data.items()}
         if step < args.pretrain_steps:  # 2. pre-train actor and critics together
-            if args.lam > 0 and step % args.lambda_refresh_interval == 0:
+            # lambda-returns bootstrap from the critics, so they come once the critics fit the MC returns.
+            if args.lam > 0 and step > 0 and step % args.lambda_refresh_interval == 0:
                 returns_to_go = dataset_lambda_returns(data, learner, args)
-            losses = pretrain_step(learner, batch, returns_to_go[idx], args)
+            metrics = pretrain(learner, batch, returns_to_go[idx], args)
         else:  # 3. TD3+BC from the pre-trained networks
             noise = torch.randn(batch["actions"].shape, device=device, generator=sampler)
             update_actor = (step - args.pretrain_steps) % args.policy_freq == 0
-            losses = td3bc_step(learner, batch, noise, update_actor, args)
-        run.end_step(step, losses, {"returns_to_go": returns_to_go})  # log, evaluate, checkpoint when due
+            metrics = update(learner, batch, noise, update_actor, args)
+        run.end_step(step, metrics, {"returns_to_go": returns_to_go})  # log, evaluate, checkpoint when due
     run.finish()
 
 
@@ -343,12 +369,41 @@ def evaluate(actor, envs, obs_mean, obs_std, seed, ignore_terminated_until, devi
     return returns
 
 
-def normalized_score(dataset, returns):
-    """Score x 100 from the dataset's reference returns (0 random, 100 expert); raw return without them."""
+# D4RL's reference returns (random policy, expert policy), for datasets that carry none of their own,
+# such as Minari's mujoco/*-v0 (Minari issue #323).
+D4RL_REFERENCE_RETURNS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                          "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
+
+
+def score_reference(dataset):
+    """(random return, expert return, where they come from) for normalised scores, or None: the dataset's
+    own reference returns if it has them, else D4RL's for its task, else none."""
     metadata = dataset.storage.metadata
-    if metadata.get("ref_min_score") is None or metadata.get("ref_max_score") is None:
-        return float(np.mean(returns))
-    return float(np.mean(minari.get_normalized_score(dataset, returns))) * 100
+    if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
+        return float(metadata["ref_min_score"]), float(metadata["ref_max_score"]), "the dataset's reference returns"
+    env_name = dataset_name_parts(dataset.spec.dataset_id)[0]
+    if env_name in D4RL_REFERENCE_RETURNS:
+        return (*D4RL_REFERENCE_RETURNS[env_name], f"D4RL's {env_name} reference returns (the dataset has none)")
+    return None
+
+
+def normalized_score(returns, reference):
+    """100 * (return - random return) / (expert return - random return), averaged over episodes."""
+    return float(100 * (np.mean(returns) - reference[0]) / (reference[1] - reference[0]))
+
+
+@torch.no_grad()
+def pretraining_fit(learner, data, returns_to_go, sample_size=10_000):
+    """How well pre-training fit, on a fixed sample of the data (evenly spaced transitions): the critics'
+    explained variance of their targets, 1 - Var(G - Q_j) / Var(G) averaged over the critics, their mean
+    prediction beside the mean target, and the actor's behaviour-cloning error."""
+    n = len(data["rewards"])
+    idx = torch.linspace(0, n - 1, min(sample_size, n), device=data["rewards"].device).long()
+    obs, actions, target = data["observations"][idx], data["actions"][idx], returns_to_go[idx]
+    q = learner.critic(obs, actions)
+    explained = 1 - (target - q).var(dim=1) / target.var().clamp_min(1e-8)
+    return {"pretrain/critic_explained_variance": explained.mean(), "pretrain/q_mean": q.mean(),
+            "pretrain/target_mean": target.mean(), "pretrain/bc_mse": F.mse_loss(learner.actor(obs), actions)}
 
 
 # ================================================================================================ plumbing
@@ -359,8 +414,8 @@ def check_args(args: Args) -> None:
     problems = []
     if not 0.0 <= args.lam <= 1.0:
         problems.append(f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}")
-    for name in ("total_steps", "batch_size", "hidden_dim", "eval_interval", "log_interval", "policy_freq",
-                 "lambda_refresh_interval"):
+    for name in ("total_steps", "batch_size", "hidden_dim", "eval_interval", "log_interval",
+                 "policy_freq", "lambda_refresh_interval"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -402,10 +457,33 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
+def pick_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on CPUs with bf16 matmul units (AVX-512-BF16, AMX), where it makes an update 1.3-2x faster;
+    fp32 on GPUs, where a batch-256 update is bound by kernel launches, not matmuls (bf16 measured no faster
+    there, benchmark_results/throughput_gpu.md)."""
+    if device.type == "cuda":
+        supported, fast = torch.cuda.is_bf16_supported(including_emulation=False), False
+    else:
+        capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        supported = fast = capabilities.get("avx512_bf16", False) or capabilities.get("amx_bf16", False)
+    if precision == "bf16" and not supported:
+        print(f"note: this {device.type} has no fast bf16 matmuls; training in fp32")
+        return "fp32"
+    return ("bf16" if fast else "fp32") if precision == "auto" else precision
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def make_sampler(seed: int, device) -> torch.Generator:
+    """The generator of batch indices and noise, on the training device, seeded from its own stream of
+    `seed`: seeded with `seed` itself, its first draws would repeat those that initialised the networks."""
+    sampler = torch.Generator(device=device)
+    sampler.manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+    return sampler
 
 
 D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+?)-v\d+$")
@@ -514,17 +592,72 @@ def make_eval_envs(dataset, num_envs):
                          "without evaluation with --eval-episodes 0.")
 
 
+def speed_up(steps, learner, device, args):
+    """--compile: on a GPU every update step replays as a CUDA graph; elsewhere the networks are compiled
+    with torch.compile, which fuses their elementwise work."""
+    if not args.compile:
+        return steps
+    if device.type == "cuda":
+        return [CUDAGraphStep(step) for step in steps]
+    for network in (learner.actor, learner.critic, learner.target_actor, learner.target_critic):
+        network.compile()
+    return steps
+
+
+class CUDAGraphStep:
+    """--compile on a GPU: each call of an update step (its forward and backward passes, optimiser steps and
+    target updates) replays as one CUDA graph. A batch-256 update is a few hundred small kernels, and on a
+    GPU launching them, not running them, is what takes the time. The first calls of each kind of step (one
+    kind per value of its plain arguments, e.g. TD3's actor-update flag) run eagerly on a side stream, which
+    sets up the optimisers' state and the libraries; the next is captured; every later call copies its tensor
+    arguments (tensors, or dicts of them) into the graph's static inputs and replays it."""
+
+    def __init__(self, step, warmup_calls=3):
+        self.step, self.warmup_calls, self.calls, self.graphs = step, warmup_calls, {}, {}
+        self.side_stream = torch.cuda.Stream()
+
+    def __call__(self, *args):
+        tensor_args = lambda arg: isinstance(arg, torch.Tensor) or (isinstance(arg, dict) and all(
+            isinstance(v, torch.Tensor) for v in arg.values()))
+        key = tuple(None if tensor_args(a) else a if isinstance(a, (bool, int, float, str)) else id(a) for a in args)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] <= self.warmup_calls:
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                out = self.step(*args)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return out
+        copy = lambda arg: ({k: v.clone() for k, v in arg.items()} if isinstance(arg, dict) else arg.clone()) \
+            if tensor_args(arg) else arg
+        if key not in self.graphs:
+            static_args, graph = [copy(a) for a in args], torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.step(*static_args)
+            self.graphs[key] = graph, static_args, static_out
+        graph, static_args, static_out = self.graphs[key]
+        for static, arg in zip(static_args, args):
+            if isinstance(static, torch.Tensor):
+                static.copy_(arg)
+            elif tensor_args(static):
+                for name, value in static.items():
+                    value.copy_(arg[name])
+        graph.replay()
+        return static_out
+
+
 class Run:
     """The run's bookkeeping around the training loop: the run directory, tensorboard, the progress bar,
     evaluation, checkpoints and resuming. `end_step` does whatever is due after a gradient step."""
 
-    def __init__(self, args, datasets, learner, sampler, obs_stats, device, checkpoint):
-        self.args, self.dataset, self.learner, self.sampler, self.device = args, datasets[0], learner, sampler, device
+    def __init__(self, args, datasets, data, learner, sampler, obs_stats, checkpoint):
+        self.args, self.dataset, self.data, self.learner, self.sampler = args, datasets[0], data, learner, sampler
+        self.device = data["rewards"].device
         self.obs_mean, self.obs_std = obs_stats
-        self.obs_stats_t = [torch.as_tensor(x, dtype=torch.float32, device=device) for x in obs_stats]
+        self.obs_stats_t = [torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in obs_stats]
         self.envs = make_eval_envs(self.dataset, args.eval_episodes) if args.eval_episodes > 0 else []
         env_name = dataset_name_parts(self.dataset.spec.dataset_id)[0]
         self.ignore_terminated_until = ADROIT_ENVS.get(env_name, 0) if args.eval_protocol == "adroit" else 0
+        self.reference = score_reference(self.dataset)
         self.start_step = 0
         run_name = args.run_name or "__".join([args.env_id.replace("/", "_"), Path(__file__).stem, str(args.seed),
                                                str(int(time.time()))])
@@ -537,46 +670,65 @@ class Run:
         os.makedirs(self.dir, exist_ok=True)
         # purge_step drops events logged after the checkpoint, so a resumed run has no duplicated steps.
         self.writer = SummaryWriter(self.dir, purge_step=self.start_step + 1 if args.resume else None)
+        score_note = (f"normalised with {self.reference[2]}: random {self.reference[0]:g}, expert {self.reference[1]:g}"
+                      if self.reference else f"no reference returns for '{env_name}': logging returns only")
         if args.resume is None:
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                                  "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
             self.writer.add_text("eval/protocol", args.eval_protocol)
-        self.loss_log = LossLog(["pretrain_actor", "pretrain_critic", "critic", "actor"], args.log_interval, device,
-                                self.start_step)
+            self.writer.add_text("eval/score_reference", score_note)
+        if self.envs:
+            print(f"scores: {score_note}")
+        self.metric_log = MetricLog(args.log_interval, self.device, self.start_step)
         self.progress = tqdm(total=args.total_steps, initial=self.start_step, unit="step",
                              desc=run_name if args.resume is None else self.dir)
-        self.last_time, self.last_step, self.score = time.time(), self.start_step, None
+        self.last_time, self.last_step, self.final = time.time(), self.start_step, None
 
-    def end_step(self, step, losses, targets):
+    def end_step(self, step, metrics, targets):
         args, done_steps = self.args, step + 1
-        self.loss_log.add(step, losses)
+        self.metric_log.add(step, metrics)
         try:
             if done_steps % args.log_interval == 0 or done_steps == args.total_steps:
-                for name, value in self.loss_log.flush(done_steps).items():
-                    self.writer.add_scalar(f"losses/{name}", value, done_steps)
+                for name, value in self.metric_log.flush(done_steps).items():
+                    self.writer.add_scalar(name, value, done_steps)
                 self.writer.add_scalar("charts/SPS", (done_steps - self.last_step) / (time.time() - self.last_time),
                                        done_steps)
                 self.last_time, self.last_step = time.time(), done_steps
             if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
-                self.loss_log.check()  # never checkpoint a diverged model
+                self.metric_log.check()  # never checkpoint a diverged model
         except FloatingPointError as e:
             raise SystemExit(f"error: {e}; stopping. The last good checkpoint in {self.dir} is intact; "
                              "lower --learning-rate or check the data.")
+        if done_steps == args.pretrain_steps:
+            self.log_pretraining_fit(done_steps, targets["returns_to_go"])
         if self.envs and (done_steps % args.eval_interval == 0 or done_steps == args.total_steps):
             self.evaluate(done_steps)
         if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
             self.save_checkpoint(done_steps, targets)  # after this step's logs and evaluation, which resuming keeps
         self.progress.update(1)
 
+    def log_pretraining_fit(self, done_steps, returns_to_go):
+        fit = {name: value.item() for name, value in pretraining_fit(self.learner, self.data, returns_to_go).items()}
+        for name, value in fit.items():
+            self.writer.add_scalar(name, value, done_steps)
+        critics = (f"the critics explain {fit['pretrain/critic_explained_variance']:.1%} of their targets' variance "
+                   f"(mean Q {fit['pretrain/q_mean']:.1f}, mean target {fit['pretrain/target_mean']:.1f}); "
+                   if "pretrain/q_mean" in fit else "")
+        self.progress.write(f"pre-training done at step {done_steps}: {critics}"
+                            f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}")
+
     def evaluate(self, done_steps):
         eval_start = time.time()
         returns = evaluate(self.learner.actor, self.envs, *self.obs_stats_t, self.args.seed * 100_000 + done_steps,
                            self.ignore_terminated_until, self.device)
-        self.score = normalized_score(self.dataset, returns)
-        self.writer.add_scalar("eval/normalized_score", self.score, done_steps)
         self.writer.add_scalar("eval/return", float(np.mean(returns)), done_steps)
+        if self.reference:
+            self.final = ("normalised score", normalized_score(returns, self.reference))
+            self.writer.add_scalar("eval/normalized_score", self.final[1], done_steps)
+        else:
+            self.final = ("return", float(np.mean(returns)))
         self.writer.add_scalar("charts/eval_seconds", time.time() - eval_start, done_steps)
-        self.progress.set_postfix(score=f"{self.score:.1f}")
+        self.progress.set_postfix({"score" if self.reference else "return": f"{self.final[1]:.1f}"})
         self.last_time += time.time() - eval_start  # keep evaluation out of the SPS figure
 
     def save_checkpoint(self, step, targets):
@@ -592,23 +744,30 @@ class Run:
                     "obs_mean": self.obs_mean, "obs_std": self.obs_std, "args": asdict(self.args)},
                    os.path.join(self.dir, "model.pt"))
         self.writer.close()
-        score = f"; final normalised score {self.score:.1f}" if self.score is not None else ""
-        print(f"saved {os.path.join(self.dir, 'model.pt')}{score}")
+        final = f"; final {self.final[0]} {self.final[1]:.1f}" if self.final is not None else ""
+        print(f"saved {os.path.join(self.dir, 'model.pt')}{final}")
 
 
-class LossLog:
-    """Keeps each step's losses on the device (no host sync per step). `check` stops the run, naming the
-    loss and the exact step, if any became NaN or infinite; `flush` also returns the window's means."""
+class MetricLog:
+    """Keeps each step's metrics on the device (no host sync per step); `flush` returns each metric's mean
+    over the steps that reported it. `check` stops the run, naming the metric and the exact step, if any
+    became NaN or infinite."""
 
-    def __init__(self, names, interval, device, start_step):
-        self.names, self.interval, self.start = list(names), interval, start_step
-        self.values = torch.zeros(interval, len(self.names), device=device)
-        self.counts = [0] * len(self.names)
+    def __init__(self, interval, device, start_step):
+        self.interval, self.start, self.device = interval, start_step, device
+        self.names, self.values = [], torch.zeros(interval, 0, device=device)
+        self.columns, self.counts = {}, {}  # per set of metric names (one per kind of step)
 
-    def add(self, step, losses):
-        for name, value in losses.items():
-            self.values[step % self.interval, self.names.index(name)] = value.detach()
-            self.counts[self.names.index(name)] += 1
+    def add(self, step, metrics):
+        key = tuple(metrics)
+        if key not in self.columns:
+            new = [name for name in key if name not in self.names]
+            self.names += new
+            self.values = torch.cat([self.values, torch.zeros(self.interval, len(new), device=self.device)], 1)
+            self.columns[key] = torch.tensor([self.names.index(n) for n in key], device=self.device)
+            self.counts[key] = 0
+        self.values[step % self.interval, self.columns[key]] = torch.stack(list(metrics.values())).detach().float()
+        self.counts[key] += 1
 
     def check(self):
         bad = ~torch.isfinite(self.values)
@@ -617,15 +776,15 @@ class LossLog:
             steps = self.start + (rows - self.start) % self.interval  # the window's steps, in order
             first = int(steps.argmin())
             value = self.values[rows[first], cols[first]].item()
-            raise FloatingPointError(f"the {self.names[cols[first]]} loss became {value} "
-                                     f"at step {int(steps[first]) + 1}")
+            raise FloatingPointError(f"{self.names[cols[first]]} became {value} at step {int(steps[first]) + 1}")
 
     def flush(self, step):
         self.check()
-        sums = self.values.sum(0).tolist()
-        means = {n: total / c for n, total, c in zip(self.names, sums, self.counts) if c}
+        counts = [sum(n for key, n in self.counts.items() if name in key) for name in self.names]
+        means = {name: total / count for name, total, count in zip(self.names, self.values.sum(0).tolist(), counts)
+                 if count}
         self.values.zero_()
-        self.counts, self.start = [0] * len(self.names), step
+        self.counts, self.start = dict.fromkeys(self.counts, 0), step
         return means
 
 
@@ -635,7 +794,11 @@ def learner_state(learner: Learner) -> dict:
 
 def restore(learner: Learner, checkpoint: dict) -> None:
     for field in fields(learner):
-        getattr(learner, field.name).load_state_dict(checkpoint[field.name])
+        value = getattr(learner, field.name)
+        capturable = [group.get("capturable") for group in getattr(value, "param_groups", [])]
+        value.load_state_dict(checkpoint[field.name])
+        for group, flag in zip(getattr(value, "param_groups", []), capturable):
+            group["capturable"] = flag  # this run's setting (--compile on a GPU), not the saved run's
 
 
 def save_atomic(obj, path):

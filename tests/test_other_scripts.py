@@ -35,7 +35,7 @@ def test_critic_ensemble_members_are_independent_networks():
     obs, act = torch.randn(6, 4), torch.rand(6, 2) * 2 - 1
     before = critic(obs, act)
     with torch.no_grad():
-        critic.net[0].weight[2] += torch.randn_like(critic.net[0].weight[2])
+        critic.trunk[0].weight[2] += torch.randn_like(critic.trunk[0].weight[2])
     after = critic(obs, act)
     torch.testing.assert_close(after[:2], before[:2])
     assert not torch.allclose(after[2], before[2])
@@ -65,7 +65,8 @@ def test_diversity_term_matches_a_loop_over_critic_pairs():
     critic = edac.Critic(4, 3, 16, True, num_critics=4)
     obs, act = torch.randn(8, 4), torch.rand(8, 3) * 2 - 1
     target = torch.randn(8)
-    _, regression, diversity = edac.critic_loss_with_diversity(critic, obs, act, target, eta=1.0)
+    loss, parts = edac.critic_loss_with_diversity(critic, obs, act, target, eta=2.0)
+    regression, diversity = parts["regression"], parts["diversity"]
     grads = []
     for i in range(4):  # each member's action gradient, one at a time
         a = act.clone().requires_grad_(True)
@@ -74,6 +75,7 @@ def test_diversity_term_matches_a_loop_over_critic_pairs():
     pairs = sum((grads[i] * grads[j]).sum(-1) for i in range(4) for j in range(4) if i != j)
     torch.testing.assert_close(diversity, pairs.mean() / 3)
     torch.testing.assert_close(regression, ((critic(obs, act) - target) ** 2).mean(1).sum())
+    torch.testing.assert_close(loss, regression + 2.0 * diversity)
 
 
 def flat(dataset):

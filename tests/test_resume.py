@@ -86,14 +86,27 @@ def test_resume_without_checkpoint_says_what_to_do(tmp_path, minari_path):
     assert result.returncode != 0 and "no checkpoint.pt" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_loss_log_names_the_first_non_finite_loss_and_its_step():
+def test_metric_log_names_the_first_non_finite_metric_and_its_step():
     module = load_script("td3bc_pretrain.py")
-    log = module.LossLog(["critic", "actor"], interval=50, device="cpu", start_step=100)
+    log = module.MetricLog(interval=50, device="cpu", start_step=100)
     for step in range(100, 150):
         value = float("nan") if step == 137 else float("inf") if step == 141 else 1.0
-        log.add(step, {"critic": torch.tensor(1.0), "actor": torch.tensor(value)})
-    with pytest.raises(FloatingPointError, match=r"the actor loss became nan at step 138"):
+        log.add(step, {"losses/critic": torch.tensor(1.0), "losses/actor": torch.tensor(value)})
+    with pytest.raises(FloatingPointError, match=r"losses/actor became nan at step 138"):
         log.flush(150)
+
+
+def test_metric_log_means_count_only_the_steps_that_reported():
+    module = load_script("td3bc_pretrain.py")
+    log = module.MetricLog(interval=10, device="cpu", start_step=0)
+    for step in range(10):  # the actor reports every other step, as TD3's delayed actor does
+        metrics = {"losses/critic": torch.tensor(float(step))}
+        if step % 2 == 0:
+            metrics["losses/actor"] = torch.tensor(10.0 * step)
+        log.add(step, metrics)
+    means = log.flush(10)
+    assert means["losses/critic"] == pytest.approx(4.5)
+    assert means["losses/actor"] == pytest.approx(10.0 * (0 + 2 + 4 + 6 + 8) / 5)
 
 
 def test_exploding_loss_stops_the_run_with_a_message(minari_path, tmp_path):
@@ -109,5 +122,5 @@ def test_exploding_loss_stops_the_run_with_a_message(minari_path, tmp_path):
                              "--run-name", "nan"], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
     assert result.returncode != 0
-    assert "the pretrain_critic loss became inf at step 1" in result.stderr and "Traceback" not in result.stderr
+    assert "losses/pretrain_critic became inf at step 1" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs" / "nan" / "checkpoint.pt").exists()

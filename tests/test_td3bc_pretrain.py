@@ -162,15 +162,3 @@ def test_error_exits_nonzero_without_traceback(tmp_path, minari_path):
     result = run_script(SCRIPT, "--env-id", "hopper-medium-replay-v2", cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "error:" in result.stderr
-
-
-def test_q1_is_the_first_critic_and_leaves_critic_weights_without_gradient():
-    module = load_script(SCRIPT)
-    torch.manual_seed(0)
-    critic = module.Critic(11, 3, 32, True)
-    obs, action = torch.randn(5, 11), (torch.rand(5, 3) * 2 - 1).requires_grad_(True)
-    q1 = critic.q1(obs, action)
-    torch.testing.assert_close(q1, critic(obs, action)[0])
-    q1.sum().backward()
-    assert action.grad is not None and action.grad.abs().sum() > 0
-    assert all(p.grad is None for p in critic.parameters())

@@ -1,0 +1,165 @@
+"""What runs leave on the paths users take: lambda-returns that wait for fitted critics, scores on datasets
+without reference returns, the diagnostics that explain a run, soft BC on actions at the bound."""
+
+import dataclasses
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal
+
+from common.make_dataset import rollout
+from conftest import TIME_LIMIT, load_script, run_script, scalars
+
+SMALL = ["--hidden-dim", 64, "--log-interval", 50, "--eval-episodes", 0]
+
+
+def final_weights(run_dir):
+    model = torch.load(run_dir / "model.pt", weights_only=False)
+    return {f"{net}.{name}": tensor for net in ("actor", "critic") for name, tensor in model[net].items()}
+
+
+def text_tag(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return events.Tensors(f"{tag}/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+# ---------------------------------------------------------------------------------------- lambda-returns
+@pytest.mark.parametrize("script, extra", [("td3bc_pretrain.py", []), ("edac_pretrain.py", ["--num-critics", 3])])
+def test_lambda_returns_wait_one_refresh_interval_for_fitted_critics(script, extra, tiny_dataset, tmp_path):
+    """Pre-training shorter than one --lambda-refresh-interval never computes a lambda-return, so it trains
+    bit for bit as with --lam 0; a longer one does compute them."""
+    flags = ["--env-id", tiny_dataset, "--total-steps", 300, "--pretrain-steps", 200, *SMALL, *extra]
+    for name, lam, interval in (("mc", 0.0, 250), ("short", 0.5, 250), ("long", 0.5, 50)):
+        result = run_script(script, *flags, "--lam", lam, "--lambda-refresh-interval", interval, "--run-name", name,
+                            cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    # TD3+BC pre-trains its critics for 200 steps, EDAC for half of them: both fewer than 250, more than 50.
+    mc, short, long = (final_weights(tmp_path / "runs" / name) for name in ("mc", "short", "long"))
+    assert all(torch.equal(mc[k], short[k]) for k in mc)
+    assert not all(torch.equal(mc[k], long[k]) for k in mc)
+
+
+# ---------------------------------------------------------------------------------------- scores
+def make_dataset_without_references(dataset_id, env_id, num_episodes=6):
+    env = gym.make(env_id, max_episode_steps=TIME_LIMIT)
+    rng = np.random.default_rng(0)
+    act = lambda obs: np.clip(0.3 * rng.standard_normal(env.action_space.shape), -1, 1).astype(np.float32)
+    episodes = [dataclasses.replace(rollout(env, act, seed=i, record=True)[2], id=i) for i in range(num_episodes)]
+    minari.create_dataset_from_buffers(dataset_id, episodes, env=env)  # no ref_min_score / ref_max_score
+
+
+def test_dataset_without_references_is_scored_with_d4rl_references(minari_path, tmp_path):
+    make_dataset_without_references("test/hopper/noref-v0", "Hopper-v5")
+    result = run_script("td3bc_pretrain.py", "--env-id", "test/hopper/noref-v0", "--total-steps", 100,
+                        "--pretrain-steps", 50, "--eval-interval", 100, "--eval-episodes", 2, "--run-name", "noref",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "normalised with D4RL's hopper reference returns" in result.stdout
+    run_dir = tmp_path / "runs" / "noref"
+    logged = scalars(run_dir)
+    (_, score), (_, ret) = logged["eval/normalized_score"][0], logged["eval/return"][0]
+    assert score == pytest.approx(100 * (ret + 20.272305) / (3234.3 + 20.272305), rel=1e-5)
+    assert "D4RL's hopper reference returns" in text_tag(run_dir, "eval/score_reference")
+
+
+def test_task_without_any_references_logs_returns_not_scores(minari_path, tmp_path):
+    make_dataset_without_references("test/invertedpendulum/noref-v0", "InvertedPendulum-v5")
+    result = run_script("edac_pretrain.py", "--env-id", "test/invertedpendulum/noref-v0", "--num-critics", 2,
+                        "--total-steps", 60, "--pretrain-steps", 40, "--eval-interval", 60, "--eval-episodes", 2,
+                        "--hidden-dim", 32, "--run-name", "none", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    logged = scalars(tmp_path / "runs" / "none")
+    assert "eval/normalized_score" not in logged and "eval/return" in logged
+    assert f"final return {logged['eval/return'][-1][1]:.1f}" in result.stdout
+    assert "no reference returns for 'invertedpendulum'" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------- diagnostics
+@pytest.mark.parametrize("script, extra, tags", [
+    ("td3bc_pretrain.py", [], ["losses/bc_mse", "charts/q_weight"]),
+    ("td3bc_cql_pretrain.py", [], ["losses/bc_mse", "charts/q_weight", "losses/cql"]),
+    ("edac_pretrain.py", ["--num-critics", 3], ["charts/alpha", "charts/entropy", "losses/diversity"]),
+    ("edac_bc_pretrain.py", ["--num-critics", 3], ["charts/alpha", "charts/entropy", "losses/bc"]),
+])
+def test_diagnostics_are_logged_and_finite(script, extra, tags, tiny_dataset, tmp_path):
+    result = run_script(script, "--env-id", tiny_dataset, "--total-steps", 300, "--pretrain-steps", 200, *SMALL,
+                        *extra, "--run-name", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    logged = scalars(tmp_path / "runs" / "run")
+    for tag in ["values/q_data", "values/q_policy", "values/target", *tags]:
+        assert [s for s, _ in logged[tag]][-1] == 300, tag  # present in the RL phase
+        assert all(np.isfinite(v) for _, v in logged[tag]), tag
+    for tag in ("values/q_data", "values/target"):
+        assert logged[tag][0][0] <= 200, tag  # and in the critics' pre-training
+    for tag in ("pretrain/critic_explained_variance", "pretrain/bc_mse", "pretrain/q_mean", "pretrain/target_mean"):
+        assert [s for s, _ in logged[tag]] == [200], tag
+        assert np.isfinite(logged[tag][0][1])
+    assert "pre-training done at step 200: the critics explain" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------- soft BC at the bound
+def test_saturated_coordinates_count_by_their_probability_mass_beyond_the_bound():
+    edac = load_script("edac_pretrain.py")
+    torch.manual_seed(0)
+    actor = edac.Actor(4, 3, max_action=2.0, hidden_dim=16, layernorm=True)
+    obs = torch.randn(5, 4)
+    mean, log_std = actor.distribution(obs)
+    action = torch.tensor([[2.0, 0.3, -2.0]] * 5)  # first and last coordinates on the bound
+    normal = Normal(mean.double(), log_std.exp().double())
+    bound = np.arctanh(0.99)
+    u = torch.tensor(np.arctanh(0.15), dtype=torch.float64)  # the interior coordinate: a density of a = 2 tanh(u)
+    interior = normal.log_prob(u)[:, 1] - torch.log(2 * (1 - torch.tanh(u) ** 2))
+    expected = torch.log(1 - normal.cdf(torch.tensor(bound)))[:, 0] + torch.log(normal.cdf(torch.tensor(-bound)))[:, 2]
+    expected = expected + interior
+    torch.testing.assert_close(actor.data_log_prob(mean, log_std, action, 0.99).double(), expected, rtol=1e-4, atol=1e-4)
+    # saturation = 1 is the authors' likelihood: the density at the action clipped to +-(1 - 1e-6).
+    clipped = torch.atanh((action / 2.0).clamp(-1 + 1e-6, 1 - 1e-6))
+    torch.testing.assert_close(actor.data_log_prob(mean, log_std, action, 1.0),
+                               actor.log_prob_pre_tanh(mean, log_std, clipped))
+
+
+def make_saturated_dataset(dataset_id, num_episodes=30):
+    """A noisy linear policy whose actions are clipped at the bound in about a third of all coordinates."""
+    env = gym.make("Hopper-v5", max_episode_steps=TIME_LIMIT)
+    rng = np.random.default_rng(1)
+    weights = rng.normal(scale=0.5, size=(3, 11))
+    act = lambda obs: np.clip(1.3 * np.tanh(weights @ obs) + 0.1 * rng.standard_normal(3), -1, 1).astype(np.float32)
+    episodes = [dataclasses.replace(rollout(env, act, seed=i, record=True)[2], id=i) for i in range(num_episodes)]
+    return minari.create_dataset_from_buffers(dataset_id, episodes, env=env)
+
+
+def test_soft_bc_on_clipped_actions_keeps_a_sensible_policy(minari_path, tmp_path):
+    """With many actions on the bound, the authors' likelihood (a density at atanh(1 - 1e-6)) lets those
+    coordinates dominate soft BC; the censored likelihood does not: the policy keeps a reasonable entropy and
+    imitates at least as well."""
+    dataset = make_saturated_dataset("test/hopper/saturated-v0")
+    actions = np.concatenate([e.actions for e in dataset.iterate_episodes()])
+    assert 0.2 < (np.abs(actions) >= 1).mean() < 0.5
+    fit = {}
+    for name, saturation in (("authors", 1.0), ("censored", 0.999)):
+        result = run_script("edac_pretrain.py", "--env-id", "test/hopper/saturated-v0", "--num-critics", 2,
+                            "--total-steps", 600, "--pretrain-steps", 600, "--actor-pretrain-fraction", 1.0,
+                            "--action-saturation", saturation, "--hidden-dim", 64, "--log-interval", 100,
+                            "--eval-episodes", 0, "--run-name", name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        logged = scalars(tmp_path / "runs" / name)
+        fit[name] = {tag: logged[tag][-1][1] for tag in ("charts/entropy", "pretrain/bc_mse")}
+    assert fit["censored"]["charts/entropy"] > fit["authors"]["charts/entropy"] + 0.25, fit
+    assert fit["censored"]["pretrain/bc_mse"] <= 1.1 * fit["authors"]["pretrain/bc_mse"], fit
+
+
+# ---------------------------------------------------------------------------------------- seeds
+@pytest.mark.parametrize("script", ["td3bc_pretrain.py", "edac_pretrain.py"])
+def test_batch_sampler_does_not_replay_the_weight_initialisation_stream(script):
+    module = load_script(script)
+    sampler = module.make_sampler(7, "cpu")
+    same_seed = torch.Generator().manual_seed(7)
+    assert not torch.equal(torch.rand(100, generator=sampler), torch.rand(100, generator=same_seed))
+    again = module.make_sampler(7, "cpu")
+    assert torch.equal(torch.rand(100, generator=again), torch.rand(100, generator=module.make_sampler(7, "cpu")))
