@@ -18,10 +18,13 @@ Usage:
     python algos/td3bc_pretrain.py --resume runs/<run-name>    # continue an interrupted run exactly
 """
 
+import logging
 import math
 import os
 import random
 import re
+import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -98,19 +101,29 @@ class Args:
     log_interval: int = 1000
     """write losses and speed to tensorboard every this many steps"""
     checkpoint_interval: int = 50_000
-    """save a resumable checkpoint every this many steps (0 disables)"""
+    """save a resumable checkpoint every this many steps (0: only when interrupted and at the end)"""
     resume: Optional[str] = None
-    """continue the run saved in this run directory (other flags are ignored)"""
+    """continue the run saved in this run directory, with its own settings; --total-steps (to extend it),
+    the evaluation, logging and checkpoint intervals, --threads, --device and --compile may change"""
     run_name: Optional[str] = None
     """name of the run directory under runs/ (default: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
     """torch device: auto picks cuda when available"""
+    threads: Optional[int] = None
+    """torch CPU threads (default: torch's, one per core); on a machine shared with other jobs, give each run
+    its share, e.g. 1 per run when running two on two cores"""
     compile: bool = False
     """compile the networks with torch.compile (on GPUs into CUDA graphs, which removes the per-kernel launch
     cost that bounds batch-256 updates); pays off on long runs"""
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     """bf16: the hidden layers' matmuls in bf16, everything else in fp32; auto: bf16 where it pays (CPUs with
     AVX-512-BF16 or AMX), fp32 elsewhere (GPUs, where batch-256 updates are not bound by matmuls)"""
+    track: bool = False
+    """mirror the tensorboard logs to Weights & Biases (pip install wandb)"""
+    wandb_project_name: str = "first-imitate-then-improve"
+    """W&B project, with --track"""
+    wandb_entity: Optional[str] = None
+    """W&B team or user, with --track (default: yours)"""
 
 
 # Per-dataset settings of the paper's authors: TD3+BC's alpha, budgets, pre-training steps.
@@ -234,7 +247,7 @@ def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
 def dataset_lambda_returns(data, learner, args, chunk=65536):
     """Lambda-returns for the whole dataset, with V(s') = min_j Q'_j(s', pi'(s')) from the target networks."""
     next_values = []
-    for start in range(0, len(data["rewards"]), chunk):
+    for start in progress_over(range(0, len(data["rewards"]), chunk), "lambda-returns"):
         next_obs = data["next_observations"][start:start + chunk]
         next_values.append(learner.target_critic(next_obs, learner.target_actor(next_obs)).min(0).values)
     next_values = torch.cat(next_values).double().cpu().numpy()
@@ -307,11 +320,27 @@ def td3bc_step(learner, batch, noise, update_actor, args):
 
 
 # ================================================================================================ training loop
+def phase_name(step, args) -> str:
+    return "pre-training" if step < args.pretrain_steps else "TD3+BC"
+
+
+def handover_step(args) -> int:
+    """The step at which pre-training hands its networks to TD3+BC (0: no pre-training)."""
+    return args.pretrain_steps
+
+
+def schedule(args) -> str:
+    pretrained = {"actor-critic": "actor and critics", "actor": "the actor only", "critic": "the critics only"}
+    first = (f"pre-training of {pretrained[args.pretrain]} ({args.pretrain_steps:,} steps), then "
+             if args.pretrain_steps else "")
+    return f"{args.total_steps:,} gradient steps: {first}TD3+BC with alpha {args.alpha:g}" + \
+        (f"; lambda {args.lam:g}" if args.lam else "")
+
+
 def main(args: Args) -> None:
     args, checkpoint = prepare_args(args)  # resume, per-dataset defaults, checks
     datasets, data = load_data(args.env_id)  # every transition as flat NumPy arrays, checked
-    device = pick_device(args.device)
-    args.precision = pick_precision(args.precision, device)
+    device = setup_device(args)  # --device, --threads, --precision
     if checkpoint is None:
         seed_everything(args.seed)
     sampler = make_sampler(args.seed, device)  # batch indices and noise, drawn on the training device
@@ -407,10 +436,21 @@ def pretraining_fit(learner, data, returns_to_go, sample_size=10_000):
 
 
 # ================================================================================================ plumbing
-# Everything below serves the algorithm above without being part of it: arguments and resuming,
-# dataset resolution, loading and checks, logging, checkpoints and random states.
+# Everything below serves the algorithm above without being part of it: arguments and resuming, devices,
+# dataset resolution, loading and checks, and the run's bookkeeping: logs, evaluation, checkpoints, signals.
 
-def check_args(args: Args) -> None:
+# Flags a resumed run may change (to extend it, or to run it elsewhere); any other stays as the run began.
+RESUMABLE_CHANGES = ("total_steps", "eval_interval", "eval_episodes", "checkpoint_interval", "log_interval",
+                     "threads", "device", "compile", "track", "wandb_project_name", "wandb_entity")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args: Args, defaulted=()) -> None:
+    """Refuse bad flags before anything runs, saying what to pass instead; `defaulted` names the settings
+    that came from the dataset's defaults rather than from the command line."""
     problems = []
     if not 0.0 <= args.lam <= 1.0:
         problems.append(f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}")
@@ -419,13 +459,15 @@ def check_args(args: Args) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("pretrain_steps", "eval_episodes", "checkpoint_interval"):
+    for name in ("pretrain_steps", "eval_episodes", "checkpoint_interval", "threads"):
         value = getattr(args, name)
         if value is not None and value < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative, got {value}")
     if args.pretrain_steps is not None and args.total_steps is not None and args.pretrain_steps > args.total_steps:
-        problems.append(f"--pretrain-steps ({args.pretrain_steps}) cannot exceed --total-steps ({args.total_steps}): "
-                        "pre-training counts inside the total budget")
+        source = lambda key: ", this dataset's default" if key in defaulted else ""
+        problems.append(f"--pretrain-steps ({args.pretrain_steps}{source('pretrain_steps')}) cannot exceed "
+                        f"--total-steps ({args.total_steps}{source('total_steps')}): pre-training counts inside the "
+                        f"total budget; pass --pretrain-steps {args.total_steps // 2} (say), or a larger --total-steps")
     if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma < 1.0 or args.learning_rate <= 0:
         problems.append("--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive")
     if problems:
@@ -438,23 +480,58 @@ def prepare_args(args: Args):
     if args.resume is not None:
         checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
         if not os.path.exists(checkpoint_path):
-            raise SystemExit(f"error: no checkpoint.pt in '{args.resume}' to resume from; pass the run directory "
-                             "of a run started with --checkpoint-interval > 0.")
+            raise SystemExit(f"error: no checkpoint.pt in '{args.resume}' to resume from: pass the directory of a "
+                             "run that was interrupted or saved a periodic checkpoint (runs/<run-name>).")
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # any device may resume
-        args = Args(**{**checkpoint["args"], "resume": args.resume})
+        args = resumed_args(args, checkpoint)
     check_args(args)
     env_name, quality = dataset_name_parts(resolve_dataset(args.env_id)[0])
+    defaulted = {key for key, value in dataset_defaults(env_name, quality).items() if getattr(args, key) is None}
     for key, value in dataset_defaults(env_name, quality).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.pretrain == "none":
         args.pretrain_steps = 0
-    check_args(args)  # again, now that per-dataset defaults have filled the gaps
+    check_args(args, defaulted)  # again, now that per-dataset defaults have filled the gaps
     return args, checkpoint
 
 
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+def resumed_args(given: Args, checkpoint: dict) -> Args:
+    """The saved run's arguments, with those given now that a resumed run may change (a flag counts as given
+    when it differs from its default); any other changed flag is refused."""
+    saved, defaults = checkpoint["args"], asdict(Args())
+    changes = {k: v for k, v in asdict(given).items() if k != "resume" and v != defaults[k] and v != saved.get(k)}
+    for key in changes:
+        if key not in RESUMABLE_CHANGES:
+            raise SystemExit(f"error: {flag(key)} cannot change when resuming (the run has {saved.get(key)!r}, given "
+                             f"{changes[key]!r}); only {', '.join(map(flag, RESUMABLE_CHANGES[:6]))} and the device "
+                             "and tracking flags can. Start a new run for other settings.")
+    args = Args(**{**defaults, **saved, **changes, "resume": given.resume})
+    if args.total_steps < checkpoint["step"]:
+        raise SystemExit(f"error: the run is at step {checkpoint['step']}; --total-steps {args.total_steps} would "
+                         "end it before that.")
+    if args.total_steps == checkpoint["step"]:
+        raise SystemExit(f"error: the run in {given.resume} has finished its {args.total_steps} steps; pass a larger "
+                         "--total-steps to continue it.")
+    return args
+
+
+def setup_device(args: Args) -> torch.device:
+    """--device, --threads and --precision (auto resolved for this device)."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise SystemExit(f"error: --device {args.device} is not a torch device; use auto, cpu, cuda or cuda:N.")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU "
+                             "here; use --device cpu (or auto, which picks a GPU when there is one).")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.precision = pick_precision(args.precision, device)
+    return device
 
 
 def pick_precision(precision: str, device: torch.device) -> str:
@@ -488,6 +565,8 @@ def make_sampler(seed: int, device) -> torch.Generator:
 
 D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+?)-v\d+$")
 MINARI_MUJOCO = ("halfcheetah", "hopper", "walker2d", "ant")
+REMOTE_NAMESPACES = ("mujoco", "D4RL")  # where Minari hosts the datasets that D4RL names map to
+GYMNASIUM_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
 
 
 def resolve_dataset(env_id: str) -> list:
@@ -509,9 +588,17 @@ def resolve_dataset(env_id: str) -> list:
         hosted = ", ".join(f"mujoco/{env_name}/{q}-v0" for q in ("simple", "medium", "expert"))
     else:
         hosted = "mujoco/<env>/{simple,medium,expert}-v0, D4RL/{pen,door,hammer,relocate}/{human,cloned,expert}-v2"
-    raise SystemExit(f"error: Minari does not host the D4RL dataset '{env_id}'. Available: {hosted}. "
-                     f"For medium-replay and other kinds, make one locally with `python common/make_dataset.py` "
-                     f"and pass its id (e.g. local/{env_name}/medium-replay-v0).")
+    raise SystemExit(f"error: Minari does not host the D4RL dataset '{env_id}'. Available: {hosted}. To make "
+                     f"{quality} data locally: {make_dataset_hint(env_name, quality)}.")
+
+
+def make_dataset_hint(env_name: str, kind: str) -> str:
+    """The command that makes local/<env>/<kind>-v0, with the few-minute shortcut where there is one."""
+    command = f"`python common/make_dataset.py --env-id {GYMNASIUM_IDS.get(env_name, '<Env>-v5')}`"
+    policy = f"benchmark_results/behaviour_policies/{env_name}_medium.npz"
+    if kind == "medium" and (Path(__file__).resolve().parent.parent / policy).exists():
+        command += f" (or, in a few minutes, with `--medium-policy {policy}`)"
+    return f"{command}, then --env-id local/{env_name}/{kind}-v0"
 
 
 def dataset_name_parts(dataset_id: str) -> tuple:
@@ -529,17 +616,24 @@ def load_data(env_id: str):
 
 
 def load_minari(dataset_id: str):
-    if dataset_id in minari.list_local_datasets():
+    local = minari.list_local_datasets()
+    if dataset_id in local:
         return minari.load_dataset(dataset_id)
-    try:
+    where = f"MINARI_DATASETS_PATH={os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}"
+    hint = make_dataset_hint(*dataset_name_parts(dataset_id))
+    if dataset_id.split("/")[0] not in REMOTE_NAMESPACES:  # nothing to download: say what is here
+        here = ", ".join(sorted(local)[:12]) + (", ..." if len(local) > 12 else "") if local else "none"
+        raise SystemExit(f"error: no dataset '{dataset_id}' on this machine ({where}; it has: {here}), and Minari "
+                         f"hosts no such id. Make it with {hint}.")
+    try:  # Minari's servers: fail fast and quietly when they cannot be reached
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         return minari.load_dataset(dataset_id, download=True)
-    except Exception as e:  # network errors, unknown remote ids, incompatible versions
+    except Exception as e:  # no network, unknown remote ids, incompatible versions
         raise SystemExit(
-            f"error: dataset '{dataset_id}' is not on this machine (MINARI_DATASETS_PATH="
-            f"{os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}) and could not be downloaded "
+            f"error: dataset '{dataset_id}' is not on this machine ({where}) and could not be downloaded "
             f"({type(e).__name__}: {str(e)[:200]}). Download it where there is internet with `minari download "
-            f"{dataset_id}` and copy it here, or make a local dataset with `python common/make_dataset.py` "
-            "and pass its id, e.g. --env-id local/hopper/medium-v0.")
+            f"{dataset_id}` and copy it to that folder, or make a local dataset with {hint}.")
 
 
 def flatten_episodes(datasets) -> dict:
@@ -581,6 +675,12 @@ def check_data(data: dict, action_space) -> None:
     if outside.any():
         raise SystemExit(f"error: {outside.sum()} dataset actions lie outside the action space [{low.min()}, "
                          f"{high.max()}] (first at index {np.argmax(outside)}); a tanh actor cannot imitate them.")
+
+
+def progress_over(chunks, description):
+    """A bar for the passes over the whole dataset, which take minutes on a CPU for a million transitions."""
+    return tqdm(chunks, desc=description, unit="chunk", leave=False, disable=len(chunks) < 4,
+                mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def make_eval_envs(dataset, num_envs):
@@ -646,43 +746,78 @@ class CUDAGraphStep:
 
 
 class Run:
-    """The run's bookkeeping around the training loop: the run directory, tensorboard, the progress bar,
-    evaluation, checkpoints and resuming. `end_step` does whatever is due after a gradient step."""
+    """The run's bookkeeping around the training loop: the run directory, tensorboard (and W&B), the progress
+    bar, evaluation, checkpoints, resuming and interruptions. `end_step` does whatever is due after a step."""
 
     def __init__(self, args, datasets, data, learner, sampler, obs_stats, checkpoint):
-        self.args, self.dataset, self.data, self.learner, self.sampler = args, datasets[0], data, learner, sampler
+        self.stop_signal, self.saving = None, False  # from here on, SIGINT and SIGTERM wait for the current step
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.on_signal)
+        self.args, self.datasets, self.data, self.learner, self.sampler = args, datasets, data, learner, sampler
         self.device = data["rewards"].device
         self.obs_mean, self.obs_std = obs_stats
         self.obs_stats_t = [torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in obs_stats]
-        self.envs = make_eval_envs(self.dataset, args.eval_episodes) if args.eval_episodes > 0 else []
-        env_name = dataset_name_parts(self.dataset.spec.dataset_id)[0]
+        self.envs = make_eval_envs(datasets[0], args.eval_episodes) if args.eval_episodes > 0 else []
+        env_name = dataset_name_parts(datasets[0].spec.dataset_id)[0]
         self.ignore_terminated_until = ADROIT_ENVS.get(env_name, 0) if args.eval_protocol == "adroit" else 0
-        self.reference = score_reference(self.dataset)
-        self.start_step = 0
+        self.reference = score_reference(datasets[0])
         run_name = args.run_name or "__".join([args.env_id.replace("/", "_"), Path(__file__).stem, str(args.seed),
                                                str(int(time.time()))])
         self.dir = args.resume or os.path.join("runs", run_name)
+        if args.resume is None and os.path.isdir(self.dir) and os.listdir(self.dir):
+            raise SystemExit(f"error: {self.dir} already holds a run. Continue it with --resume {self.dir}, or "
+                             "choose another --run-name.")
+        self.start_step, self.wandb_id = 0, None
         if checkpoint is not None:
             restore(learner, checkpoint)
             set_rng_states(checkpoint["rng"], sampler)
-            self.start_step = checkpoint["step"]
+            self.start_step, self.wandb_id = checkpoint["step"], checkpoint.get("wandb_id")
             print(f"resuming {self.dir} at step {self.start_step} ({checkpoint['phase']})")
         os.makedirs(self.dir, exist_ok=True)
-        # purge_step drops events logged after the checkpoint, so a resumed run has no duplicated steps.
-        self.writer = SummaryWriter(self.dir, purge_step=self.start_step + 1 if args.resume else None)
         score_note = (f"normalised with {self.reference[2]}: random {self.reference[0]:g}, expert {self.reference[1]:g}"
                       if self.reference else f"no reference returns for '{env_name}': logging returns only")
+        self.print_summary(score_note)
+        if args.track:
+            self.start_tracking(run_name)
+        # purge_step drops events logged after the checkpoint, so a resumed run has no duplicated steps.
+        self.writer = SummaryWriter(self.dir, purge_step=self.start_step + 1 if args.resume else None)
         if args.resume is None:
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                                  "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
             self.writer.add_text("eval/protocol", args.eval_protocol)
             self.writer.add_text("eval/score_reference", score_note)
-        if self.envs:
-            print(f"scores: {score_note}")
         self.metric_log = MetricLog(args.log_interval, self.device, self.start_step)
-        self.progress = tqdm(total=args.total_steps, initial=self.start_step, unit="step",
-                             desc=run_name if args.resume is None else self.dir)
-        self.last_time, self.last_step, self.final = time.time(), self.start_step, None
+        self.phase = phase_name(self.start_step, args)
+        self.progress = tqdm(total=args.total_steps, initial=self.start_step, unit="step", desc=self.phase,
+                             mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+        self.last_time, self.last_step, self.final, self.saved_step = time.time(), self.start_step, None, None
+
+    def print_summary(self, score_note):
+        args = self.args
+        transitions, episodes = len(self.data["rewards"]), sum(d.total_episodes for d in self.datasets)
+        threads = f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""
+        print(f"{Path(__file__).name}: {' + '.join(d.spec.dataset_id for d in self.datasets)}, "
+              f"{transitions:,} transitions in {episodes:,} episodes\n"
+              f"  {schedule(args)}\n"
+              f"  device {self.device}{threads}, precision {args.precision}, compile {'on' if args.compile else 'off'}"
+              f"\n  evaluation every {args.eval_interval:,} steps on {args.eval_episodes} episodes; scores {score_note}"
+              f"\n  writing to {self.dir}", flush=True)
+
+    def start_tracking(self, run_name):
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --track logs to Weights & Biases, which is not installed: pip install wandb")
+        self.wandb_id = self.wandb_id or os.urandom(6).hex()  # (not `random`: that would shift the seeded streams)
+        wandb.init(project=self.args.wandb_project_name, entity=self.args.wandb_entity, name=run_name,
+                   id=self.wandb_id, resume="allow", config=asdict(self.args), sync_tensorboard=True, dir=self.dir)
+
+    def on_signal(self, signum, frame):
+        if self.stop_signal is not None and not self.saving and signum == signal.SIGINT:
+            print(f"\ninterrupted again: leaving without saving; the last checkpoint in {self.dir} is intact",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        self.stop_signal = signum  # acted on once the current update has finished
 
     def end_step(self, step, metrics, targets):
         args, done_steps = self.args, step + 1
@@ -694,18 +829,25 @@ class Run:
                 self.writer.add_scalar("charts/SPS", (done_steps - self.last_step) / (time.time() - self.last_time),
                                        done_steps)
                 self.last_time, self.last_step = time.time(), done_steps
-            if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
+            if self.stop_signal or (args.checkpoint_interval and done_steps % args.checkpoint_interval == 0):
                 self.metric_log.check()  # never checkpoint a diverged model
         except FloatingPointError as e:
             raise SystemExit(f"error: {e}; stopping. The last good checkpoint in {self.dir} is intact; "
                              "lower --learning-rate or check the data.")
-        if done_steps == args.pretrain_steps:
+        if done_steps == handover_step(args):
             self.log_pretraining_fit(done_steps, targets["returns_to_go"])
         if self.envs and (done_steps % args.eval_interval == 0 or done_steps == args.total_steps):
             self.evaluate(done_steps)
         if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
             self.save_checkpoint(done_steps, targets)  # after this step's logs and evaluation, which resuming keeps
         self.progress.update(1)
+        if phase_name(done_steps, args) != self.phase and done_steps < args.total_steps:
+            self.phase = phase_name(done_steps, args)
+            self.progress.set_description(self.phase)
+        if self.stop_signal:
+            self.interrupt(done_steps, targets)
+        if done_steps == args.total_steps:
+            self.save_checkpoint(done_steps, targets)  # a finished run can be extended with --resume
 
     def log_pretraining_fit(self, done_steps, returns_to_go):
         fit = {name: value.item() for name, value in pretraining_fit(self.learner, self.data, returns_to_go).items()}
@@ -728,24 +870,51 @@ class Run:
         else:
             self.final = ("return", float(np.mean(returns)))
         self.writer.add_scalar("charts/eval_seconds", time.time() - eval_start, done_steps)
-        self.progress.set_postfix({"score" if self.reference else "return": f"{self.final[1]:.1f}"})
-        self.last_time += time.time() - eval_start  # keep evaluation out of the SPS figure
+        self.progress.set_postfix({"score" if self.reference else "return": f"{self.final[1]:.1f}"}, refresh=False)
+        self.progress.unpause()  # keep evaluation out of the bar's rate
+        self.last_time += time.time() - eval_start  # and out of the SPS figure
 
     def save_checkpoint(self, step, targets):
-        save_atomic({**learner_state(self.learner), **targets, "step": step,
-                     "phase": "pre-training" if step < self.args.pretrain_steps else "TD3+BC",
+        if self.saved_step == step:
+            return
+        self.saving = True  # a second Ctrl-C now waits for the save: the file is never half-written
+        save_atomic({**learner_state(self.learner), **targets, "step": step, "phase": phase_name(step, self.args),
                      "rng": rng_states(self.sampler), "obs_mean": self.obs_mean, "obs_std": self.obs_std,
-                     "args": asdict(self.args)}, os.path.join(self.dir, "checkpoint.pt"))
+                     "args": asdict(self.args), "wandb_id": self.wandb_id}, os.path.join(self.dir, "checkpoint.pt"))
+        self.saving, self.saved_step = False, step
+
+    def interrupt(self, done_steps, targets):
+        self.save_checkpoint(done_steps, targets)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)  # saved: further signals have nothing left to protect
+        self.writer.close()
+        self.progress.close()
+        if self.args.track:
+            import wandb
+            wandb.finish(exit_code=128 + self.stop_signal)
+        print(f"interrupted at step {done_steps}; continue with: python {os.path.relpath(__file__)} --resume "
+              f"{self.dir}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + self.stop_signal)  # 130 for SIGINT, 143 for SIGTERM (os._exit: no teardown to interrupt)
 
     def finish(self):
+        """model.pt: the networks and what evaluating them needs, loadable with torch.load(weights_only=True)."""
         self.progress.close()
         learner = self.learner
-        torch.save({"actor": learner.actor.state_dict(), "critic": learner.critic.state_dict(),
-                    "obs_mean": self.obs_mean, "obs_std": self.obs_std, "args": asdict(self.args)},
-                   os.path.join(self.dir, "model.pt"))
+        networks = {name: getattr(learner, name) for name in ("actor", "critic", "log_alpha") if hasattr(learner, name)}
+        torch.save({**{name: net.detach() if isinstance(net, torch.Tensor) else net.state_dict()
+                       for name, net in networks.items()},
+                    "script": Path(__file__).stem, "dataset_ids": [d.spec.dataset_id for d in self.datasets],
+                    "max_action": learner.actor.max_action, "ignore_terminated_until": self.ignore_terminated_until,
+                    "reference": list(self.reference) if self.reference else None,
+                    "obs_mean": torch.as_tensor(self.obs_mean), "obs_std": torch.as_tensor(self.obs_std),
+                    "args": asdict(self.args)}, os.path.join(self.dir, "model.pt"))
         self.writer.close()
+        if self.args.track:
+            import wandb
+            wandb.finish()
         final = f"; final {self.final[0]} {self.final[1]:.1f}" if self.final is not None else ""
-        print(f"saved {os.path.join(self.dir, 'model.pt')}{final}")
+        print(f"saved {os.path.join(self.dir, 'model.pt')}{final} (evaluate it: python common/evaluate.py {self.dir})")
 
 
 class MetricLog:
@@ -789,16 +958,21 @@ class MetricLog:
 
 
 def learner_state(learner: Learner) -> dict:
-    return {field.name: getattr(learner, field.name).state_dict() for field in fields(learner)}
+    return {field.name: value.detach() if isinstance(value := getattr(learner, field.name), torch.Tensor)
+            else value.state_dict() for field in fields(learner)}
 
 
 def restore(learner: Learner, checkpoint: dict) -> None:
     for field in fields(learner):
         value = getattr(learner, field.name)
+        if isinstance(value, torch.Tensor):
+            with torch.no_grad():
+                value.copy_(checkpoint[field.name])
+            continue
         capturable = [group.get("capturable") for group in getattr(value, "param_groups", [])]
         value.load_state_dict(checkpoint[field.name])
-        for group, flag in zip(getattr(value, "param_groups", []), capturable):
-            group["capturable"] = flag  # this run's setting (--compile on a GPU), not the saved run's
+        for group, flag_value in zip(getattr(value, "param_groups", []), capturable):
+            group["capturable"] = flag_value  # this run's setting (--compile on a GPU), not the saved run's
 
 
 def save_atomic(obj, path):
@@ -822,5 +996,12 @@ def set_rng_states(states, sampler):
     sampler.set_state(states["sampler"])
 
 
+def leave_before_training(signum, frame):
+    print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    for signum in (signal.SIGINT, signal.SIGTERM):  # until the training loop takes them over
+        signal.signal(signum, leave_before_training)
     main(tyro.cli(Args))

@@ -30,7 +30,9 @@ import dataclasses
 import json
 import os
 import pickle
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -43,6 +45,11 @@ import torch.nn.functional as F
 import tyro
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
+
+# Progress bars redraw twice a second on a terminal, but only every 30 s into a log file.
+REFRESH = 0.5 if sys.stderr.isatty() else 30
+# Minari asks for optional metadata (author, code permalink, ...) on every dataset it writes.
+warnings.filterwarnings("ignore", category=UserWarning, module="minari")
 
 # D4RL's reference returns (random policy / expert policy) for normalised scores.
 D4RL_REFERENCE_SCORES = {
@@ -242,7 +249,8 @@ def train_ars(args, settings, env, work_dir):
             checkpoints={}, history=[], env_steps=0,
         )
     rng = state["rng"]
-    progress = tqdm(total=args.max_iterations, initial=state["iteration"], desc=f"ARS {args.env_id}", unit="it")
+    progress = tqdm(total=args.max_iterations, initial=state["iteration"], desc=f"ARS {args.env_id}", unit="it",
+                    mininterval=REFRESH)
     while state["iteration"] < args.max_iterations and args.stop_at not in state["checkpoints"]:
         policy = LinearPolicy(state["weights"], state["stats"].mean, state["stats"].std, low, high)
         deltas = rng.standard_normal((settings["directions"], act_dim, obs_dim))
@@ -437,7 +445,8 @@ def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
         with torch.no_grad():
             torch._foreach_lerp_(target_params, critic_params, tau)
 
-    progress = tqdm(total=args.sac_max_steps, initial=state["env_steps"], desc=f"SAC {args.env_id}", unit="step", mininterval=2)
+    progress = tqdm(total=args.sac_max_steps, initial=state["env_steps"], desc=f"SAC {args.env_id}", unit="step",
+                    mininterval=REFRESH)
     seed = int(rng.integers(2**31))
     obs, _ = env.reset(seed=seed)
     while state["env_steps"] < args.sac_max_steps and args.stop_at not in state["checkpoints"]:
@@ -491,7 +500,7 @@ def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
 # ------------------------------------------------------------------------------- writing datasets
 def collect(env, act, num_transitions, seed, desc):
     episodes, steps, rng = [], 0, np.random.default_rng(seed)
-    with tqdm(total=num_transitions, desc=desc, unit="transition") as progress:
+    with tqdm(total=num_transitions, desc=desc, unit="transition", mininterval=REFRESH) as progress:
         while steps < num_transitions:
             _, _, episode = rollout(env, act, seed=int(rng.integers(2**31)), record=True)
             episodes.append(episode)

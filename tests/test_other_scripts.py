@@ -89,9 +89,9 @@ def test_soft_bc_raises_the_likelihood_of_dataset_actions(tiny_dataset, tmp_path
                         "--pretrain-steps", 800, "--actor-pretrain-fraction", 1.0, "--eval-episodes", 0,
                         "--run-name", "softbc", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    model = torch.load(tmp_path / "runs" / "softbc" / "model.pt", weights_only=False)
+    model = torch.load(tmp_path / "runs" / "softbc" / "model.pt", weights_only=True)
     obs, actions = flat(minari.load_dataset(tiny_dataset))
-    obs_t = torch.as_tensor((obs - model["obs_mean"]) / model["obs_std"], dtype=torch.float32)
+    obs_t = torch.as_tensor((obs - model["obs_mean"].numpy()) / model["obs_std"].numpy(), dtype=torch.float32)
     actions_t = torch.as_tensor(actions)
     torch.manual_seed(0)  # the script seeds, then builds the actor first: this is its initial actor
     initial = edac.Actor(obs.shape[1], actions.shape[1], 1.0, 256, True)
@@ -121,7 +121,7 @@ def test_script_runs_end_to_end(script, extra_tags, tiny_dataset, tmp_path):
     assert [s for s, _ in logged["eval/normalized_score"]] == [200, 400]
     assert [s for s, _ in logged["losses/critic"]] == [300, 400]
     assert all(np.isfinite(v) for _, v in logged["losses/critic"])
-    model = torch.load(tmp_path / "runs" / "run" / "model.pt", weights_only=False)
+    model = torch.load(tmp_path / "runs" / "run" / "model.pt", weights_only=True)
     assert model["args"]["eval_protocol"] == "adroit"
 
 
@@ -133,10 +133,10 @@ def test_cql_lowers_q_on_random_actions_relative_to_dataset_actions(tiny_dataset
     for script in ("td3bc_pretrain.py", "td3bc_cql_pretrain.py"):
         result = run_script(script, *common, "--run-name", script, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        model = torch.load(tmp_path / "runs" / script / "model.pt", weights_only=False)
+        model = torch.load(tmp_path / "runs" / script / "model.pt", weights_only=True)
         critic = load_script(script).Critic(obs.shape[1], actions.shape[1], 256, True)
         critic.load_state_dict(model["critic"])
-        obs_t = torch.as_tensor((obs - model["obs_mean"]) / model["obs_std"], dtype=torch.float32)
+        obs_t = torch.as_tensor((obs - model["obs_mean"].numpy()) / model["obs_std"].numpy(), dtype=torch.float32)
         random_actions = torch.rand(len(obs), actions.shape[1], generator=torch.Generator().manual_seed(1)) * 2 - 1
         with torch.no_grad():
             gaps[script] = (critic(obs_t, torch.as_tensor(actions)) - critic(obs_t, random_actions)).mean().item()

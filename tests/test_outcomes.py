@@ -17,7 +17,7 @@ SMALL = ["--hidden-dim", 64, "--log-interval", 50, "--eval-episodes", 0]
 
 
 def final_weights(run_dir):
-    model = torch.load(run_dir / "model.pt", weights_only=False)
+    model = torch.load(run_dir / "model.pt", weights_only=True)
     return {f"{net}.{name}": tensor for net in ("actor", "critic") for name, tensor in model[net].items()}
 
 

@@ -66,8 +66,8 @@ def test_killed_and_resumed_run_is_bitwise_identical(script, extra, tiny_dataset
     assert process.wait(timeout=600) == 0, process.stderr.read()
     assert phases[0][0] < PRETRAIN <= phases[1][0], phases
 
-    expected = torch.load(tmp_path / "runs" / "reference" / "model.pt", weights_only=False)
-    resumed = torch.load(run_dir / "model.pt", weights_only=False)
+    expected = torch.load(tmp_path / "runs" / "reference" / "model.pt", weights_only=True)
+    resumed = torch.load(run_dir / "model.pt", weights_only=True)
     for network in ("actor", "critic"):
         for name, tensor in expected[network].items():
             assert torch.equal(tensor, resumed[network][name]), f"{network}.{name} differs after resuming"

@@ -33,11 +33,11 @@ def test_pretraining_fits_returns_and_imitates_actions(tiny_dataset, tmp_path):
     result = run_script(SCRIPT, "--env-id", tiny_dataset, "--total-steps", 2000, "--pretrain-steps", 2000,
                         "--eval-episodes", 0, "--run-name", "pre", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    model = torch.load(tmp_path / "runs" / "pre" / "model.pt", weights_only=False)
+    model = torch.load(tmp_path / "runs" / "pre" / "model.pt", weights_only=True)
     module = load_script(SCRIPT)
     dataset = minari.load_dataset(tiny_dataset)
     obs, actions = flat(dataset, "observations"), flat(dataset, "actions")
-    obs_t = torch.as_tensor((obs - model["obs_mean"]) / model["obs_std"], dtype=torch.float32)
+    obs_t = torch.as_tensor((obs - model["obs_mean"].numpy()) / model["obs_std"].numpy(), dtype=torch.float32)
     actions_t = torch.as_tensor(actions, dtype=torch.float32)
 
     critic = module.Critic(obs.shape[1], actions.shape[1], 256, True)
@@ -45,9 +45,12 @@ def test_pretraining_fits_returns_and_imitates_actions(tiny_dataset, tmp_path):
     with torch.no_grad():
         q = critic(obs_t, actions_t).numpy()
     target = episode_mc_returns(dataset)
-    for member in q:  # both critics explain most of the variance of the Monte-Carlo returns
-        explained = 1 - np.var(target - member) / np.var(target)
-        assert explained > 0.8, explained
+    explained = [1 - np.var(target - member) / np.var(target) for member in q]
+    assert min(explained) > 0.8, explained  # both critics explain most of the variance of the MC returns
+    # The run's own hand-over diagnostic says the same (it samples every transition of this small dataset).
+    logged = scalars(tmp_path / "runs" / "pre")
+    assert logged["pretrain/critic_explained_variance"][0][1] == pytest.approx(np.mean(explained), abs=1e-3)
+    assert logged["pretrain/target_mean"][0][1] == pytest.approx(target.mean(), rel=1e-4)
 
     actor = module.Actor(obs.shape[1], actions.shape[1], 1.0, 256, True)
     torch.manual_seed(123)
@@ -75,7 +78,7 @@ def test_full_run_from_another_directory_leaves_logs_and_model(tiny_dataset, tmp
     # Normalised score = 100 * (return - ref_min) / (ref_max - ref_min), from the dataset's references.
     for (_, score), (_, ret) in zip(logged["eval/normalized_score"], logged["eval/return"]):
         assert score == pytest.approx(100 * (ret + 20.27) / (3234.3 + 20.27), rel=1e-4)
-    model = torch.load(run_dir / "model.pt", weights_only=False)
+    model = torch.load(run_dir / "model.pt", weights_only=True)
     assert {"actor", "critic", "obs_mean", "obs_std", "args"} <= set(model)
     assert model["args"]["lam"] == 0.3 and model["args"]["total_steps"] == 600
 
@@ -128,7 +131,7 @@ def test_bad_flags_are_refused_before_training(flags, expected, capsys, minari_p
 
 def test_missing_dataset_says_how_to_get_one(minari_path, capsys):
     message = main_error(capsys, env_id="local/hopper/absent-v0")
-    assert "is not on this machine" in message and "make_dataset.py" in message
+    assert "on this machine" in message and "make_dataset.py" in message
 
 
 @pytest.mark.parametrize("defect", ["nan_obs", "action_out_of_bounds", "nan_reward"])

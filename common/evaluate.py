@@ -1,0 +1,142 @@
+"""Evaluate (and film) a policy trained by any of the scripts in algos/, from its run directory.
+
+Loads RUN_DIR/model.pt (with torch.load(..., weights_only=True): tensors and plain Python values only),
+rebuilds the deterministic actor without importing the training script, runs the dataset's evaluation
+environment and prints the mean and spread of the return and of the normalised score. With the same
+--seed and --episodes as a training run's evaluation it reproduces that evaluation's returns exactly.
+
+    python common/evaluate.py runs/<run-name>                       # 10 episodes, seed 0
+    python common/evaluate.py runs/<run-name> --episodes 50 --seed 1
+    MUJOCO_GL=egl python common/evaluate.py runs/<run-name> --capture-video   # MP4s in runs/<run-name>/videos
+
+In your own code:
+
+    from common.evaluate import load_policy
+    policy = load_policy("runs/<run-name>")        # numpy observations [B, obs_dim] -> actions [B, act_dim]
+    action = policy(obs[None])[0]
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    run_dir: tyro.conf.Positional[str]
+    """a run directory written by one of the scripts in algos/ (it holds model.pt)"""
+    episodes: int = 10
+    """evaluation episodes"""
+    seed: int = 0
+    """episode i starts from env.reset(seed=seed + i)"""
+    capture_video: bool = False
+    """write an MP4 of each episode to RUN_DIR/videos (headless machines: MUJOCO_GL=egl)"""
+    device: str = "cpu"
+    """torch device for the actor"""
+
+
+class Policy(nn.Module):
+    """The trained actor's deterministic action, max_action * tanh(head(trunk(s))), built from model.pt
+    alone: linear layers, each followed by LayerNorm (if the run used it) and ReLU, then the action head
+    (TD3+BC's `head`, EDAC's `mean`)."""
+
+    def __init__(self, model: dict, device="cpu"):
+        super().__init__()
+        weights, args = model["actor"], model["args"]
+        head = "mean" if "mean.weight" in weights else "head"
+        trunk_ids = sorted({int(k.split(".")[1]) for k in weights if k.startswith("trunk.")})
+        self.linears = nn.ModuleList(nn.Linear(*weights[f"trunk.{i}.weight"].T.shape) for i in trunk_ids)
+        self.head = nn.Linear(*weights[f"{head}.weight"].T.shape)
+        for linear, i in zip(self.linears, trunk_ids):
+            linear.load_state_dict({"weight": weights[f"trunk.{i}.weight"], "bias": weights[f"trunk.{i}.bias"]})
+        self.head.load_state_dict({"weight": weights[f"{head}.weight"], "bias": weights[f"{head}.bias"]})
+        self.layernorm, self.bf16 = args["actor_layernorm"], args.get("precision") == "bf16"
+        self.max_action = model["max_action"]
+        self.register_buffer("obs_mean", model["obs_mean"].float())
+        self.register_buffer("obs_std", model["obs_std"].float())
+        self.to(device)
+
+    @torch.no_grad()
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = (obs - self.obs_mean) / self.obs_std
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            for linear in self.linears:  # the same operations, in the same order, as the training script's
+                x = linear(x)
+                x = F.relu(F.layer_norm(x, x.shape[-1:]) if self.layernorm else x)
+        return self.max_action * torch.tanh(self.head(x.float()))
+
+    def __call__(self, obs):
+        """numpy observations [B, obs_dim] -> numpy actions [B, act_dim] (tensors in, tensors out)."""
+        if isinstance(obs, torch.Tensor):
+            return super().__call__(obs)
+        device = self.obs_mean.device
+        return super().__call__(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+
+
+def load_model(run_dir: str) -> dict:
+    path = Path(run_dir) / "model.pt" if Path(run_dir).is_dir() else Path(run_dir)
+    if not path.exists():
+        raise SystemExit(f"error: no model.pt in '{run_dir}': pass the directory of a finished run (runs/<run-name>)"
+                         "; an interrupted run can be finished with `python algos/<script>.py --resume <dir>`.")
+    model = torch.load(path, map_location="cpu", weights_only=True)
+    if "max_action" not in model:
+        raise SystemExit(f"error: {path} was written by an older version of the scripts; retrain, or load it with "
+                         "the training script's own Actor class.")
+    return model
+
+
+def load_policy(run_dir: str, device="cpu") -> Policy:
+    """The deterministic policy of a trained run: a callable from observations to actions."""
+    return Policy(load_model(run_dir), device)
+
+
+def evaluate(policy, envs, seed, ignore_terminated_until=0):
+    """One episode in each env at once, one batched policy call per step; undiscounted returns."""
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+    returns, done, steps = np.zeros(len(envs)), np.zeros(len(envs), dtype=bool), 0
+    while not done.all():
+        steps += 1
+        actions = policy(obs)
+        for i in np.flatnonzero(~done):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(actions[i])
+            returns[i] += reward
+            done[i] = truncated or (terminated and steps >= ignore_terminated_until)
+    return returns
+
+
+def main(args: Args) -> None:
+    import gymnasium as gym
+    import minari
+
+    model = load_model(args.run_dir)
+    policy = load_policy(args.run_dir, args.device)
+    dataset = minari.load_dataset(model["dataset_ids"][0])
+    render = {"render_mode": "rgb_array"} if args.capture_video else {}
+    envs = [dataset.recover_environment(eval_env=True, **render) for _ in range(args.episodes)]
+    if args.capture_video:
+        video_dir = os.path.join(args.run_dir, "videos")
+        envs = [gym.wrappers.RecordVideo(env, video_dir, name_prefix=f"seed{args.seed + i}",
+                                         episode_trigger=lambda _: True, disable_logger=True)
+                for i, env in enumerate(envs)]
+    returns = evaluate(policy, envs, args.seed, model["ignore_terminated_until"])
+    for env in envs:
+        env.close()
+    print(f"{model['script']} on {model['dataset_ids'][0]}, {args.episodes} episodes from seed {args.seed}: "
+          f"return {returns.mean():.1f} ± {returns.std():.1f} (min {returns.min():.1f}, max {returns.max():.1f})")
+    if model["reference"] is not None:
+        low, high = model["reference"][:2]
+        scores = 100 * (returns - low) / (high - low)
+        print(f"normalised score {scores.mean():.1f} ± {scores.std():.1f} ({model['reference'][2]})")
+    if args.capture_video:
+        print(f"videos in {os.path.join(args.run_dir, 'videos')}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

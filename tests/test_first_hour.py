@@ -1,0 +1,208 @@
+"""A researcher's first hour: interruptions (SIGINT, SIGTERM) that lose nothing, runs extended on resume,
+errors that say what to do, the start-up summary, and using what was trained (common/evaluate.py, W&B)."""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script, scalars
+
+SCRIPTS = ["td3bc_pretrain.py", "td3bc_cql_pretrain.py", "edac_pretrain.py", "edac_bc_pretrain.py"]
+EXTRA = {"edac_pretrain.py": ["--num-critics", 3], "edac_bc_pretrain.py": ["--num-critics", 3]}
+
+
+def flags(script, tiny_dataset, total=1200, pretrain=600):
+    return ["--env-id", tiny_dataset, "--total-steps", total, "--pretrain-steps", pretrain, "--hidden-dim", 64,
+            "--log-interval", 100, "--eval-interval", 600, "--eval-episodes", 2, "--checkpoint-interval", 0,
+            *EXTRA.get(script, [])]
+
+
+def start(script, args, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "algos" / script), *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_training(run_dir, starts=1, timeout=120):
+    """Until the run's `starts`-th start has opened its tensorboard log (each start opens one): by then the
+    run has taken over SIGINT and SIGTERM."""
+    deadline = time.time() + timeout
+    while len(list(run_dir.glob("events*"))) < starts:
+        assert time.time() < deadline, "the run never started training"
+        time.sleep(0.02)
+
+
+def same_weights(run_a, run_b):
+    a, b = (torch.load(run / "model.pt", weights_only=True) for run in (run_a, run_b))
+    return all(torch.equal(a[net][k], b[net][k]) for net in ("actor", "critic") for k in a[net])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigint_and_sigterm_save_and_resume_bitwise(script, tiny_dataset, tmp_path):
+    """Interrupted at arbitrary points with no periodic checkpoint (once by SIGINT, once by SIGTERM), the run
+    saves, says how to continue and exits 130 / 143 without a traceback; resumed, it ends bitwise identical to
+    an uninterrupted run."""
+    run_args = flags(script, tiny_dataset)
+    assert start(script, [*run_args, "--run-name", "reference"], tmp_path).wait(timeout=600) == 0
+    run_dir = tmp_path / "runs" / "interrupted"
+    process = start(script, [*run_args, "--run-name", "interrupted"], tmp_path)
+    rng = np.random.default_rng(abs(hash(script)) % 2**32)
+    for starts, (signum, code) in enumerate(((signal.SIGINT, 130), (signal.SIGTERM, 143)), start=1):
+        wait_until_training(run_dir, starts)
+        time.sleep(rng.uniform(0.2, 1.5))
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == code, stderr[-2000:]
+        assert "Traceback" not in stderr
+        assert f"continue with: python {os.path.relpath(REPO / 'algos' / script, tmp_path)} --resume runs/interrupted" \
+            in stderr
+        process = start(script, ["--resume", "runs/interrupted"], tmp_path)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-2000:]
+    assert same_weights(tmp_path / "runs" / "reference", run_dir)
+
+
+def test_a_second_ctrl_c_never_corrupts_the_checkpoint(tiny_dataset, tmp_path):
+    """Two SIGINTs in quick succession: whichever way the run leaves, the checkpoint it leaves (if any) loads
+    and resumes to the end."""
+    script, run_args = "td3bc_pretrain.py", flags("td3bc_pretrain.py", tiny_dataset)
+    for attempt, gap in enumerate((0.0, 0.001, 0.01, 0.05)):
+        run_dir = tmp_path / "runs" / f"twice{attempt}"
+        process = start(script, [*run_args, "--checkpoint-interval", 50, "--run-name", f"twice{attempt}"], tmp_path)
+        wait_until_training(run_dir)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+        assert not (run_dir / "checkpoint.pt.tmp").exists()
+        if (run_dir / "checkpoint.pt").exists():
+            torch.load(run_dir / "checkpoint.pt", weights_only=False)
+            assert start(script, ["--resume", run_dir], tmp_path).wait(timeout=600) == 0
+
+
+def test_resume_extends_a_finished_run_exactly(tiny_dataset, tmp_path):
+    run_args = flags("td3bc_pretrain.py", tiny_dataset, total=500, pretrain=200)
+    assert run_script("td3bc_pretrain.py", *run_args, "--run-name", "long", cwd=tmp_path).returncode == 0
+    short = [*run_args[:3], 300, *run_args[4:]]
+    assert run_script("td3bc_pretrain.py", *short, "--run-name", "short", cwd=tmp_path).returncode == 0
+    result = run_script("td3bc_pretrain.py", "--resume", "runs/short", "--total-steps", 500, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert same_weights(tmp_path / "runs" / "long", tmp_path / "runs" / "short")
+    extended, straight = scalars(tmp_path / "runs" / "short"), scalars(tmp_path / "runs" / "long")
+    assert [s for s, _ in extended["losses/critic"]] == [300, 400, 500]  # the log goes on, no step twice
+    assert extended["eval/return"][-1] == straight["eval/return"][-1]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], "has finished its 300 steps; pass a larger --total-steps"),
+    (["--total-steps", 500, "--alpha", 3.0], "--alpha cannot change when resuming"),
+    (["--total-steps", 100], "would end it before that"),
+])
+def test_resume_refuses_what_it_cannot_do(extra, expected, tiny_dataset, tmp_path):
+    run_args = flags("td3bc_pretrain.py", tiny_dataset, total=300, pretrain=200)
+    assert run_script("td3bc_pretrain.py", *run_args, "--run-name", "done", cwd=tmp_path).returncode == 0
+    result = run_script("td3bc_pretrain.py", "--resume", "runs/done", *extra, cwd=tmp_path)
+    assert result.returncode != 0 and expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_reusing_a_run_name_is_refused(tiny_dataset, tmp_path):
+    run_args = flags("td3bc_pretrain.py", tiny_dataset, total=100, pretrain=50)
+    assert run_script("td3bc_pretrain.py", *run_args, "--run-name", "taken", cwd=tmp_path).returncode == 0
+    result = run_script("td3bc_pretrain.py", *run_args, "--run-name", "taken", cwd=tmp_path)
+    assert result.returncode != 0 and "--resume runs/taken" in result.stderr
+    assert len(list((tmp_path / "runs" / "taken").glob("events*"))) == 1
+
+
+def test_start_up_summary_and_threads(tiny_dataset, tmp_path):
+    result = run_script("edac_pretrain.py", *flags("edac_pretrain.py", tiny_dataset, total=200, pretrain=100),
+                        "--threads", 1, "--run-name", "summary", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for text in ("test/hopper/medium-v0, 795 transitions in 40 episodes", "device cpu (1 threads)",
+                 "soft BC of the actor (50 steps), then the critics on soft returns (50 steps), then EDAC with N = 3",
+                 "writing to runs/summary"):
+        assert text in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("args, expected", [
+    (["--device", "cuda"], "sees no CUDA GPU here; use --device cpu"),
+    (["--env-id", "local/hopper/medium-replay-v0"], "test/hopper/medium-v0"),  # it lists what is here
+    (["--env-id", "walker2d-medium-replay-v2"], "python common/make_dataset.py --env-id Walker2d-v5"),
+    (["--env-id", "test/hopper/medium-v0", "--total-steps", 100], "(10000, this dataset's default)"),
+])
+def test_errors_say_what_to_do(args, expected, tiny_dataset, tmp_path):
+    if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    started = time.time()
+    result = run_script("td3bc_pretrain.py", *(["--env-id", tiny_dataset] if args[0] == "--device" else []), *args,
+                        cwd=tmp_path)
+    assert result.returncode != 0 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert time.time() - started < 30  # no network retries for ids Minari does not host
+
+
+def test_missing_local_dataset_suggests_the_shortcut(tiny_dataset, tmp_path):
+    result = run_script("td3bc_pretrain.py", "--env-id", "local/hopper/medium-v0", cwd=tmp_path)
+    assert "--medium-policy benchmark_results/behaviour_policies/hopper_medium.npz" in result.stderr
+    assert "then --env-id local/hopper/medium-v0" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------- using the result
+def load_evaluator():
+    spec = importlib.util.spec_from_file_location("evaluate", REPO / "common" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, precision", [("td3bc_pretrain.py", "fp32"), ("edac_bc_pretrain.py", "bf16")])
+def test_evaluator_reproduces_the_final_evaluation(script, precision, tiny_dataset, tmp_path):
+    result = run_script(script, *flags(script, tiny_dataset, total=300, pretrain=200), "--eval-interval", 300,
+                        "--eval-episodes", 3, "--precision", precision, "--run-name", "trained", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "trained"
+    model = torch.load(run_dir / "model.pt", weights_only=True)  # tensors and plain values only
+    evaluator = load_evaluator()
+    policy = evaluator.load_policy(str(run_dir))
+    import minari
+
+    envs = [minari.load_dataset(tiny_dataset).recover_environment(eval_env=True) for _ in range(3)]
+    returns = evaluator.evaluate(policy, envs, seed=model["args"]["seed"] * 100_000 + 300)
+    assert float(np.mean(returns)) == pytest.approx(scalars(run_dir)["eval/return"][-1][1], rel=1e-6)
+
+
+def test_evaluator_prints_scores_and_writes_videos(tiny_dataset, tmp_path):
+    assert run_script("td3bc_pretrain.py", *flags("td3bc_pretrain.py", tiny_dataset, total=100, pretrain=50),
+                      "--run-name", "film", cwd=tmp_path).returncode == 0
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(REPO / "common" / "evaluate.py"), "runs/film", "--episodes", "2",
+                             "--capture-video"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "2 episodes from seed 0: return" in result.stdout and "normalised score" in result.stdout
+    videos = sorted((tmp_path / "runs" / "film" / "videos").glob("*.mp4"))
+    assert len(videos) == 2
+    import imageio
+
+    assert imageio.get_reader(videos[0]).count_frames() > 1
+
+
+def test_tracking_with_weights_and_biases_offline(tiny_dataset, tmp_path):
+    pytest.importorskip("wandb")
+    env_before = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        result = run_script("td3bc_pretrain.py", *flags("td3bc_pretrain.py", tiny_dataset, total=100, pretrain=50),
+                            "--track", "--run-name", "tracked", cwd=tmp_path)
+    finally:
+        os.environ.pop("WANDB_MODE") if env_before is None else os.environ.update(WANDB_MODE=env_before)
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "runs" / "tracked" / "wandb").glob("offline-run-*"))
