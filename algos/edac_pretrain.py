@@ -21,13 +21,18 @@ Usage:
     python algos/edac_pretrain.py --resume runs/<run-name>    # continue an interrupted run exactly
 """
 
+import hashlib
+import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
+import platform
 import random
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -71,6 +76,9 @@ class Args:
     lambda_refresh_interval: int = 5000
     """with --lam > 0: the critics fit the Monte-Carlo returns for this many steps before the first
     lambda-returns are computed from the target networks, and these are recomputed every this many steps"""
+    critic_init: Literal["paper", "mean-target"] = "paper"
+    """paper: the usual initialisation; mean-target: each critic's output bias starts at the mean of its
+    pre-training targets (the soft returns), so pre-training fits the shape of Q, not its level"""
     num_critics: Optional[int] = None
     """size of the critic ensemble N (default per dataset from the authors' table, else 10)"""
     eta: Optional[float] = None
@@ -404,6 +412,16 @@ def dataset_soft_lambda_returns(data, next_entropies, learner, sampler, args, ch
     return torch.as_tensor(returns, dtype=torch.float32, device=data["rewards"].device)
 
 
+def start_critics_at_mean_target(learner, returns_to_go) -> None:
+    """--critic-init mean-target: every critic's output bias (its target copy's too) starts at the mean
+    pre-training target, b_j = mean_i G_i, so that pre-training spends its steps on the shape of Q rather than
+    on first growing its level. The output layer reads LayerNorm-ed features, so Adam moves Q by only about
+    lr x (width / 2) ~ 0.04 per step: reaching returns of ~250 from ~0 alone takes thousands of steps."""
+    with torch.no_grad():
+        for critic in (learner.critic, learner.target_critic):
+            critic.head.bias.fill_(returns_to_go.mean())
+
+
 def critic_pretrain_step(learner, batch, returns_to_go, noise, args):
     """All N critics regress onto the soft returns, with the diversity term on; actor and alpha stay frozen."""
     loss, parts = critic_loss_with_diversity(learner.critic, batch["observations"], batch["actions"], returns_to_go,
@@ -511,6 +529,8 @@ def main(args: Args) -> None:
             if next_entropies is None:
                 next_entropies = dataset_entropies(data, learner.actor, sampler, args.entropy_samples)
                 returns_to_go = dataset_soft_returns(data, next_entropies, learner.log_alpha.exp().item(), args)
+                if args.critic_init == "mean-target":
+                    start_critics_at_mean_target(learner, returns_to_go)
             # lambda-returns bootstrap from the critics, so they come once the critics fit the MC returns.
             critic_steps = step - actor_end
             if args.lam > 0 and critic_steps > 0 and critic_steps % args.lambda_refresh_interval == 0:
@@ -938,9 +958,12 @@ class Run:
             self.start_tracking(run_name)
         # purge_step drops events logged after the checkpoint, so a resumed run has no duplicated steps.
         self.writer = SummaryWriter(self.dir, purge_step=self.start_step + 1 if args.resume else None)
+        # What ran, at every start (a resumed run may run on other code or hardware): benchmark_results/plot.py
+        # refuses to mix runs of different script versions in one figure.
+        table = {**asdict(args), **provenance(self.device)}
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                             "\n".join(f"|{k}|{v}|" for k, v in table.items()), self.start_step)
         if args.resume is None:
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                                 "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
             self.writer.add_text("eval/protocol", args.eval_protocol)
             self.writer.add_text("eval/score_reference", score_note)
         self.metric_log = MetricLog(args.log_interval, self.device, self.start_step)
@@ -991,7 +1014,8 @@ class Run:
         except FloatingPointError as e:
             raise SystemExit(f"error: {e}; stopping. The last good checkpoint in {self.dir} is intact; "
                              "lower --learning-rate or check the data.")
-        if done_steps == handover_step(args):
+        if done_steps == handover_step(args) or (done_steps < handover_step(args) and
+                                                 done_steps % args.eval_interval == 0):
             self.log_pretraining_fit(done_steps, targets["returns_to_go"])
         if self.envs and (done_steps % args.eval_interval == 0 or done_steps == args.total_steps):
             self.evaluate(done_steps)
@@ -1007,14 +1031,16 @@ class Run:
             self.save_checkpoint(done_steps, targets)  # a finished run can be extended with --resume
 
     def log_pretraining_fit(self, done_steps, returns_to_go):
+        """How well pre-training fits (pretrain/*): along pre-training at every evaluation, and at the hand-over."""
         fit = {name: value.item() for name, value in pretraining_fit(self.learner, self.data, returns_to_go).items()}
         for name, value in fit.items():
             self.writer.add_scalar(name, value, done_steps)
         critics = (f"the critics explain {fit['pretrain/critic_explained_variance']:.1%} of their targets' variance "
                    f"(mean Q {fit['pretrain/q_mean']:.1f}, mean target {fit['pretrain/target_mean']:.1f}); "
                    if "pretrain/q_mean" in fit else "")
-        self.progress.write(f"pre-training done at step {done_steps}: {critics}"
-                            f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}")
+        if done_steps == handover_step(self.args):
+            self.progress.write(f"pre-training done at step {done_steps}: {critics}"
+                                f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}")
 
     def evaluate(self, done_steps):
         eval_start = time.time()
@@ -1112,6 +1138,27 @@ class MetricLog:
         self.values.zero_()
         self.counts, self.start = dict.fromkeys(self.counts, 0), step
         return means
+
+
+def provenance(device) -> dict:
+    """The code, packages and hardware a run ran on."""
+    source = Path(__file__).resolve()
+    try:
+        commit = subprocess.run(["git", "-C", str(source.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "not a git checkout"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    packages = {name: importlib.metadata.version(name) for name in ("torch", "minari", "gymnasium", "mujoco", "numpy")
+                if importlib.util.find_spec(name)}
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores")
+    return {"script_version": hashlib.sha256(source.read_bytes()).hexdigest()[:12], "git_commit": commit,
+            "packages": ", ".join(f"{k} {v}" for k, v in packages.items()), "hardware": hardware,
+            "torch_threads": torch.get_num_threads()}
 
 
 def learner_state(learner: Learner) -> dict:

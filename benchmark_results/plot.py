@@ -1,18 +1,23 @@
-"""Redraw every benchmark figure and summary.csv from the committed scalar data.
+"""Figures, summary.csv and the README's tables of benchmark_results/, from the runs' own logs.
 
-    python benchmark_results/plot.py             # figures and summary.csv from benchmark_results/data/*.csv
-    python benchmark_results/plot.py --export    # first refresh the CSVs from the runs' tensorboard logs
+    python benchmark_results/plot.py --export     # refresh data/<experiment>.csv from runs/<experiment>/, then draw
+    python benchmark_results/plot.py              # draw from the committed CSVs alone
 
-It also rewrites the tables between the `generated` markers of benchmark_results/README.md, so the
-README's numbers are always the CSVs' numbers.
-
-Each experiment's CSV holds one row per evaluation: condition, seed, step, normalized_score. A figure
-shows the mean over seeds and its min-max spread against gradient steps, pre-training shaded.
-"Steps to 90 %" is the first evaluation at which a condition's seed-mean score reaches 90 % of the
-reference condition's final seed-mean score (the from-scratch run where an experiment has one).
+The experiments are those of benchmark_results/experiments.toml (common/sweep.py runs them). Statistics, for
+few-seed comparisons as rliable recommends (Agarwal et al., 2021):
+- the interquartile mean (IQM) of the seeds' scores at each evaluation, with a 95 % stratified-bootstrap
+  confidence interval (the figures' bands; the tables' final scores);
+- the probability that a condition improves over the experiment's baseline at the final evaluation
+  (rliable's probability of improvement, with its bootstrap interval);
+- the steps to reach 90 % of the better condition's final IQM, on each condition's IQM curve, with a 95 %
+  bootstrap interval over seeds ("not reached" when the curve never gets there).
+A CSV row records the script version of its run (a hash of the script, from the run's hyperparameters);
+a figure that would mix versions is refused unless --allow-mixed-versions is given.
 """
 
 import csv
+import sys
+import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,171 +30,267 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RUNS = HERE.parent / "runs" / "benchmark"
-# experiment -> (run folder, dataset, pre-training steps, reference condition, [(condition, label)])
-EXPERIMENTS = {
-    "1_pretrain_vs_scratch": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
-        ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
-    "2_walker2d_pretrain_vs_scratch": ("walker2d_td3bc", "local/walker2d/medium-v0", 10_000, "scratch", [
-        ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
-    "2_halfcheetah_pretrain_vs_scratch": ("halfcheetah_td3bc", "local/halfcheetah/medium-v0", 10_000, "scratch", [
-        ("pretrained", "pre-trained actor + critics"), ("scratch", "from scratch (TD3+BC)")]),
-    "3_what_to_pretrain": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
-        ("pretrained", "actor + critics"), ("actor_only", "actor only"), ("critic_only", "critics only"),
-        ("scratch", "nothing (scratch)")]),
-    "4_layernorm": ("hopper_td3bc", "local/hopper/medium-v0", 10_000, "scratch", [
-        ("pretrained", "LayerNorm in both"), ("layernorm_actor_only", "actor only"),
-        ("layernorm_critic_only", "critics only"), ("layernorm_none", "neither"), ("scratch", "scratch (LN both)")]),
-    "5_lambda": ("hopper100k_lambda", "local-100k/hopper/medium-v0", 10_000, "lam0", [
-        ("lam0", "λ = 0 (Monte-Carlo)"), ("lam0.1", "λ = 0.1"), ("lam0.3", "λ = 0.3"), ("lam0.5", "λ = 0.5")]),
-    "6_edac_pretrain_vs_scratch": ("hopper_edac", "local/hopper/medium-v0", 3_000, "scratch", [
-        ("pretrained", "EDAC, pre-trained (soft BC + soft returns)"), ("scratch", "EDAC from scratch")]),
-    "7_data_limited": ("hopper25ep_hybrids", "local-25ep/hopper/medium-v0", 10_000, "td3bc", [
-        ("td3bc", "TD3+BC, pre-trained"), ("td3bc_cql", "TD3+BC+CQL, pre-trained")]),
-    "7_data_limited_edac": ("hopper25ep_edac", "local-25ep/hopper/medium-v0", 3_000, "edac", [
-        ("edac", "EDAC, pre-trained"), ("edac_bc", "EDAC+BC, pre-trained")]),
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+from common.sweep import expand  # noqa: E402
+
+SCORE = "eval/normalized_score"
+FIT = ("pretrain/critic_explained_variance", "pretrain/q_mean", "pretrain/target_mean")
+# experiment -> (title, baseline condition, tags to export). Experiments not listed here use the first
+# condition declared as the baseline.
+FIGURES = {
+    "hopper_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "hopper_td3bc_alpha2.5": ("TD3+BC with alpha 2.5: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "walker2d_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "halfcheetah_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "sac_hopper_td3bc": ("TD3+BC on SAC-made hopper-medium", "scratch", (SCORE,)),
+    "halfcheetah_edac": ("EDAC: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "data_limited_edac": ("EDAC vs EDAC+BC on 24 episodes", "edac", (SCORE,)),
+    "lambda": ("lambda of the pre-training targets (lambda-returns after the fix)", "lam0", (SCORE,)),
+    "critic_fit": ("critic fit along pre-training, --critic-init", "td3bc_paper", FIT),
+    "td3bc_critic_init": ("TD3+BC, short and long pre-training, with and without --critic-init",
+                          "pretrain10k_paper", (SCORE,)),
+    "edac_critic_init_short": ("EDAC after 4k + 4k steps of pre-training, with and without --critic-init", "paper",
+                               (SCORE, "charts/entropy", "values/q_data")),
+    "edac_critic_init": ("EDAC, short and authors' pre-training, with and without --critic-init", "authors_paper",
+                         (SCORE,)),
+    "precision": ("fp32 vs bf16", "td3bc_fp32", (SCORE,)),
+    "what_to_pretrain": ("what is pre-trained", "scratch", (SCORE,)),
+    "layernorm": ("where LayerNorm is (pre-trained actor and critics)", "both", (SCORE,)),
+    "data_limited_td3bc": ("TD3+BC vs TD3+BC+CQL on 24 episodes", "td3bc", (SCORE,)),
 }
+COLUMNS = ["condition", "dataset", "seed", "step", "tag", "value", "script_version", "finished"]
 
 
 @dataclass
 class Args:
     export: bool = False
-    """refresh data/<experiment>.csv from the tensorboard logs under runs/benchmark/ before plotting"""
+    """first refresh data/<experiment>.csv from the runs' tensorboard logs under runs/<experiment>/"""
+    allow_mixed_versions: bool = False
+    """draw figures whose runs come from different versions of a script"""
+    reps: int = 2000
+    """bootstrap resamples for every confidence interval"""
 
 
-def export(experiment, folder, conditions):
+# ------------------------------------------------------------------------------------------- export
+def run_versions(events) -> str:
+    """The script versions a run's starts recorded in its hyperparameters ('unrecorded' before they did)."""
+    versions = []
+    for tensor in events.Tensors("hyperparameters/text_summary") if "hyperparameters/text_summary" in \
+            events.Tags()["tensors"] else []:
+        table = tensor.tensor_proto.string_val[0].decode()
+        versions += [line.split("|")[2] for line in table.splitlines() if line.startswith("|script_version|")]
+    return "+".join(sorted(set(versions))) or "unrecorded"
+
+
+def export(experiment, runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    rows = []
-    for condition, _ in conditions:
-        for seed_dir in sorted((RUNS / folder / condition).glob("seed*")):
-            if not (seed_dir / "model.pt").exists():
-                continue  # unfinished runs are left out
-            events = EventAccumulator(str(seed_dir))
-            events.Reload()
-            for event in events.Scalars("eval/normalized_score"):
-                rows.append((condition, seed_dir.name[4:], event.step, event.value))
-    path = HERE / "data" / f"{experiment}.csv"
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["condition", "seed", "step", "normalized_score"])
-        writer.writerows(rows)
-    print(f"wrote {path.relative_to(HERE.parent)} ({len(rows)} evaluations)")
+    rows, tags = [], FIGURES.get(experiment, ("", "", (SCORE,)))[2]
+    for run in runs:
+        run_dir = ROOT / "runs" / run.name
+        if not run_dir.exists():
+            continue
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+        events.Reload()
+        condition, dataset, seed = run.name.split("/", 1)[1].rsplit("__", 2)
+        version, finished = run_versions(events), int((run_dir / "model.pt").exists())
+        for tag in tags:
+            if tag in events.Tags()["scalars"]:
+                rows += [(condition, dataset, seed[1:], e.step, tag, e.value, version, finished)
+                         for e in events.Scalars(tag)]
+    if not rows:
+        return
+    with open(HERE / "data" / f"{experiment}.csv", "w", newline="") as f:
+        csv.writer(f).writerows([COLUMNS, *rows])
+    print(f"wrote data/{experiment}.csv ({len(rows)} values)")
 
 
 def export_datasets():
-    """Size and average episode return of each benchmark dataset, read from Minari."""
+    """Size and average episode return of every local dataset, read from Minari."""
     import minari
 
     rows = []
-    # The experiments' datasets and everything else make_dataset.py wrote under the local namespace.
-    available = set(minari.list_local_datasets())
-    local = {d for d in available if d.startswith("local/")}
-    for dataset_id in sorted(({e[1] for e in EXPERIMENTS.values()} | local) & available):
+    for dataset_id in sorted(d for d in minari.list_local_datasets() if d.startswith("local")):
         dataset = minari.load_dataset(dataset_id)
-        returns = [float(e.rewards.sum()) for e in dataset.iterate_episodes()]
-        rows.append((dataset_id, dataset.total_episodes, dataset.total_steps, round(float(np.mean(returns)), 1),
-                     round(float(100 * np.mean(minari.get_normalized_score(dataset, np.array(returns)))), 1)))
+        returns = np.array([float(e.rewards.sum()) for e in dataset.iterate_episodes()])
+        rows.append((dataset_id, dataset.total_episodes, dataset.total_steps, round(float(returns.mean()), 1),
+                     round(float(100 * np.mean(minari.get_normalized_score(dataset, returns))), 1)))
     with open(HERE / "data" / "datasets.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["dataset", "episodes", "transitions", "average_return", "average_normalized_score"])
-        writer.writerows(rows)
+        csv.writer(f).writerows([["dataset", "episodes", "transitions", "average_return",
+                                  "average_normalized_score"], *rows])
 
 
-def markdown_tables(summary):
-    lines = []
-    if (HERE / "data" / "datasets.csv").exists():
-        with open(HERE / "data" / "datasets.csv") as f:
-            rows = list(csv.DictReader(f))
-        lines += ["| dataset | episodes | transitions | average return | average normalised score |", "|---|---|---|---|---|"]
-        lines += [f"| {r['dataset']} | {r['episodes']} | {r['transitions']} | {r['average_return']} | {r['average_normalized_score']} |" for r in rows]
-    policies = sorted((HERE / "behaviour_policies").glob("*_medium.npz"))
-    if policies:
-        lines += ["", "| behaviour policy | learner | average return when saved | environment steps of training |", "|---|---|---|---|"]
-        for path in policies:
-            saved = np.load(path)
-            learner = "SAC (MLP)" if "kind" in saved and str(saved["kind"]) == "mlp" else "ARS (linear)"
-            lines.append(f"| behaviour_policies/{path.name} | {learner} | {float(saved['avg_return']):.1f} | {int(saved['env_steps']):,} |")
-    for experiment in EXPERIMENTS:
-        rows = [r for r in summary if r[0] == experiment]
-        if not rows:
-            continue
-        scratch = next((r for r in rows if r[2] == EXPERIMENTS[experiment][3]), None)
-        lines += ["", f"### {experiment} ({rows[0][1]}, {rows[0][4]:,} gradient steps)", "", f"![{experiment}]({experiment}.png)", "",
-                  f"| condition | seeds | final score (mean ± std) | steps to 90 % of {EXPERIMENTS[experiment][3]}'s final score | speed-up vs {EXPERIMENTS[experiment][3]} |",
-                  "|---|---|---|---|---|"]
-        for r in rows:
-            speedup = f"{scratch[7] / r[7]:.1f}x" if scratch and scratch[7] != "" and r[7] not in ("", 0) else "-"
-            lines.append(f"| {r[2]} | {r[3]} | {r[5]:.1f} ± {r[6]:.1f} | {r[7] if r[7] != '' else 'not reached'} | {speedup} |")
-    return "\n".join(lines)
-
-
+# ------------------------------------------------------------------------------------------- statistics
 def load(experiment):
-    """condition -> (steps, scores [seeds, steps]) for conditions whose seeds all share the same steps."""
-    by_condition = defaultdict(lambda: defaultdict(dict))
+    """{(dataset, tag): {condition: (steps, {seed: [value per step]}, versions, finished seeds)}}."""
+    table = defaultdict(lambda: defaultdict(lambda: [defaultdict(dict), set(), set()]))
     with open(HERE / "data" / f"{experiment}.csv") as f:
         for row in csv.DictReader(f):
-            by_condition[row["condition"]][row["seed"]][int(row["step"])] = float(row["normalized_score"])
-    curves = {}
-    for condition, seeds in by_condition.items():
-        steps = sorted(set.intersection(*(set(s) for s in seeds.values())))
-        curves[condition] = (np.array(steps), np.array([[seed[s] for s in steps] for seed in seeds.values()]))
-    return curves
+            entry = table[(row["dataset"], row["tag"])][row["condition"]]
+            entry[0][row["seed"]][int(row["step"])] = float(row["value"])
+            entry[1].add(row["script_version"])
+            if row["finished"] == "1":
+                entry[2].add(row["seed"])
+    return table
 
 
-def steps_to_reach(steps, mean_curve, threshold):
-    reached = np.flatnonzero(mean_curve >= threshold)
+def iqm(scores):
+    """Interquartile mean along axis 0 (the seeds): the mean of the middle 50 %."""
+    from scipy.stats import trim_mean
+
+    return trim_mean(scores, proportiontocut=0.25, axis=0)
+
+
+def curve_with_interval(by_seed, reps, rng):
+    """Steps evaluated by every seed, the IQM curve over seeds and its 95 % bootstrap interval."""
+    steps = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+    scores = np.array([[by_seed[s][step] for step in steps] for s in sorted(by_seed)])  # [seeds, steps]
+    resampled = scores[rng.integers(0, len(scores), size=(reps, len(scores)))]  # [reps, seeds, steps]
+    boot = iqm(np.moveaxis(resampled, 1, 0))  # [reps, steps]
+    return np.array(steps), scores, iqm(scores), np.percentile(boot, [2.5, 97.5], axis=0)
+
+
+def steps_to(steps, curve, threshold):
+    reached = np.flatnonzero(curve >= threshold)
     return int(steps[reached[0]]) if len(reached) else None
 
 
+def steps_to_interval(steps, scores, threshold, reps, rng):
+    found = []
+    for _ in range(reps):
+        sample = scores[rng.integers(0, len(scores), len(scores))]
+        found.append(steps_to(steps, iqm(sample), threshold))
+    reached = [s for s in found if s is not None]
+    if len(reached) < 0.975 * reps:  # in more than 2.5 % of resamples it is never reached
+        return (int(np.percentile(reached, 2.5)) if reached else None), None
+    return int(np.percentile(reached, 2.5)), int(np.percentile(reached, 97.5))
+
+
+def final_iqm_interval(final_scores, reps):
+    """rliable's IQM of the final scores over seeds and its 95 % stratified-bootstrap interval."""
+    from rliable import library, metrics
+
+    point, interval = library.get_interval_estimates({"x": final_scores[:, None]},
+                                                     lambda s: np.array([metrics.aggregate_iqm(s)]), reps=reps,
+                                                     random_state=np.random.RandomState(0))
+    return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
+def probability_of_improvement(x, y, reps):
+    """rliable's P(X > Y) on the final scores, and its 95 % stratified-bootstrap interval."""
+    from rliable import library, metrics
+
+    point, interval = library.get_interval_estimates({"p": (x[:, None], y[:, None])},
+                                                     metrics.probability_of_improvement, reps=reps,
+                                                     random_state=np.random.RandomState(0))
+    return float(point["p"]), float(np.ravel(interval["p"])[0]), float(np.ravel(interval["p"])[1])
+
+
+# ------------------------------------------------------------------------------------------- output
+def fmt_steps(value):
+    return "-" if value is None else f"{value / 1000:g}k"
+
+
+def analyse(experiment, args):
+    title, baseline, tags = FIGURES.get(experiment, (experiment, None, (SCORE,)))
+    table, rng = load(experiment), np.random.default_rng(0)
+    rows, lines = [], []
+    panels = sorted(table)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False)
+    for ax, (dataset, tag) in zip(axes[0], panels):
+        conditions = table[(dataset, tag)]
+        versions = set().union(*(c[1] for c in conditions.values()))
+        if len(versions) > 1 and not args.allow_mixed_versions:
+            raise SystemExit(f"error: {experiment} on {dataset} mixes runs of script versions {sorted(versions)}; "
+                             "re-run them on one version, or pass --allow-mixed-versions if the versions are known to "
+                             "train identically.")
+        curves = {c: curve_with_interval(v[0], args.reps, rng) for c, v in conditions.items()}
+        best_final = max(curve[2][-1] for curve in curves.values())
+        for condition, (steps, scores, center, (low, high)) in curves.items():
+            ax.plot(steps, center, label=f"{condition} ({len(scores)} seeds)")
+            ax.fill_between(steps, low, high, alpha=0.2)
+            if tag != SCORE:
+                continue
+            to_90 = steps_to(steps, center, 0.9 * best_final)
+            to_90_interval = steps_to_interval(steps, scores, 0.9 * best_final, args.reps, rng)
+            base = curves.get(baseline if baseline in curves else next(iter(curves)))
+            same_steps = base is not None and len(base[0]) and base[0][-1] == steps[-1]
+            improvement = probability_of_improvement(scores[:, -1], base[1][:, -1], args.reps) \
+                if same_steps and condition != baseline else None
+            final, final_low, final_high = final_iqm_interval(scores[:, -1], args.reps)
+            rows.append(dict(experiment=experiment, dataset=dataset, condition=condition, seeds=len(scores),
+                             finished_seeds=len(conditions[condition][2]), total_steps=int(steps[-1]),
+                             final_score_mean=round(float(scores[:, -1].mean()), 2),
+                             final_score_std=round(float(scores[:, -1].std()), 2),
+                             steps_to_90pct_of_scratch=steps_to(steps, center, 0.9 * base[2][-1]) if base else "",
+                             final_iqm=round(final, 2), final_iqm_low=round(final_low, 2),
+                             final_iqm_high=round(final_high, 2),
+                             prob_improvement=round(improvement[0], 3) if improvement else "",
+                             prob_improvement_low=round(improvement[1], 3) if improvement else "",
+                             prob_improvement_high=round(improvement[2], 3) if improvement else "",
+                             steps_to_90pct_of_best=to_90 if to_90 is not None else "",
+                             steps_to_90pct_of_best_low=to_90_interval[0] if to_90_interval[0] is not None else "",
+                             steps_to_90pct_of_best_high=to_90_interval[1] if to_90_interval[1] is not None else "",
+                             script_versions="+".join(sorted(conditions[condition][1]))))
+            p = (f"{improvement[0]:.2f} [{improvement[1]:.2f}, {improvement[2]:.2f}]" if improvement else "-")
+            lines.append(f"| {dataset} | {condition} | {len(conditions[condition][2])}/{len(scores)} | {steps[-1]:,} | "
+                         f"{final:.1f} [{final_low:.1f}, {final_high:.1f}] | {scores[:, -1].mean():.1f} ± "
+                         f"{scores[:, -1].std():.1f} | {p} | {fmt_steps(to_90)} "
+                         f"[{fmt_steps(to_90_interval[0])}, {fmt_steps(to_90_interval[1])}] |")
+        ax.set_title(f"{dataset}: {tag.split('/')[-1]}", fontsize=9)
+        ax.set_xlabel("gradient steps (pre-training included)")
+        ax.set_ylabel({SCORE: "normalised score (IQM, 95 % CI)"}.get(tag, tag))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{experiment}: {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(HERE / f"{experiment}.png", dpi=100)
+    plt.close(fig)
+    header = (f"### {experiment}: {title}\n\n![{experiment}]({experiment}.png)\n\n")
+    if lines:
+        header += (f"| dataset | condition | seeds finished / plotted | steps | final IQM [95 % CI] | final mean ± std | "
+                   f"P(better than {baseline}) [95 % CI] | steps to 90 % of the best final IQM [95 % CI] |\n"
+                   "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    return rows, header
+
+
+def datasets_table():
+    path = HERE / "data" / "datasets.csv"
+    if not path.exists():
+        return ""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return "\n".join(["| dataset | episodes | transitions | average return | average normalised score |",
+                      "|---|---|---|---|---|", *(f"| {r['dataset']} | {r['episodes']} | {r['transitions']} | "
+                                                 f"{r['average_return']} | {r['average_normalized_score']} |"
+                                                 for r in rows)]) + "\n"
+
+
 def main(args: Args) -> None:
-    summary = []
+    with open(HERE / "experiments.toml", "rb") as f:
+        experiments = tomllib.load(f)
     if args.export:
         export_datasets()
-    for experiment, (folder, dataset, pretrain_steps, scratch, conditions) in EXPERIMENTS.items():
-        if args.export:
-            export(experiment, folder, conditions)
-        if not (HERE / "data" / f"{experiment}.csv").exists():
-            print(f"no data for {experiment}; skipped")
-            continue
-        curves = load(experiment)
-        if not curves:
-            print(f"no finished runs for {experiment}; skipped")
-            continue
-        scratch_final = curves[scratch][1].mean(0)[-1] if scratch in curves else None
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        ax.axvspan(0, pretrain_steps, color="0.9", label="pre-training")
-        for condition, label in conditions:
-            if condition not in curves:
-                continue
-            steps, scores = curves[condition]
-            mean = scores.mean(0)
-            ax.plot(steps, mean, label=f"{label} (n={len(scores)})")
-            ax.fill_between(steps, scores.min(0), scores.max(0), alpha=0.2)
-            to_90 = steps_to_reach(steps, mean, 0.9 * scratch_final) if scratch_final is not None else None
-            summary.append([experiment, dataset, condition, len(scores), int(steps[-1]), round(float(mean[-1]), 2),
-                            round(float(scores[:, -1].std()), 2), "" if to_90 is None else to_90])
-        ax.set_xlabel("gradient steps (pre-training included)")
-        ax.set_ylabel("normalised score")
-        ax.set_title(f"{dataset}: {experiment.split('_', 1)[1].replace('_', ' ')}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(HERE / f"{experiment}.png", dpi=110)
-        plt.close(fig)
-        print(f"drew benchmark_results/{experiment}.png")
-    with open(HERE / "summary.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["experiment", "dataset", "condition", "seeds", "total_steps", "final_score_mean",
-                         "final_score_std", "steps_to_90pct_of_scratch"])
-        writer.writerows(summary)
-    print("wrote benchmark_results/summary.csv")
+        for experiment in experiments:
+            export(experiment, expand(experiments, (experiment,)))
+    summary, sections = [], [datasets_table()]
+    for experiment in experiments:
+        if (HERE / "data" / f"{experiment}.csv").exists():
+            rows, section = analyse(experiment, args)
+            summary += rows
+            sections.append(section)
+            print(f"drew {experiment}.png")
+    if summary:
+        with open(HERE / "summary.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+            writer.writeheader()
+            writer.writerows(summary)
     readme = HERE / "README.md"
     start, end = "<!-- generated: plot.py writes from here -->", "<!-- generated: to here -->"
-    if readme.exists() and start in readme.read_text():
-        text = readme.read_text()
+    text = readme.read_text()
+    if start in text:
         head, rest = text.split(start, 1)
-        readme.write_text(f"{head}{start}\n{markdown_tables(summary)}\n{end}{rest.split(end, 1)[1]}")
+        readme.write_text(f"{head}{start}\n" + "\n".join(sections) + f"{end}{rest.split(end, 1)[1]}")
         print("updated the tables in benchmark_results/README.md")
 
 

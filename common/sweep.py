@@ -1,0 +1,237 @@
+"""Run grids of training runs (seeds x datasets x conditions) on this machine or on a SLURM cluster.
+
+Experiments are declared as data in a TOML file (benchmark_results/experiments.toml): a script, fixed flags,
+and axes: seeds, datasets and conditions (named flag sets, optionally with their own script). Each run gets
+a stable name, runs/<experiment>/<condition>__<dataset>__s<seed>, so the sweep can be repeated at will:
+finished runs (model.pt) are skipped, interrupted ones resumed (--resume, from their checkpoint.pt), the
+rest started. The engine is submitit: its local executor runs the jobs as subprocesses here, at most --jobs
+at a time; on SLURM the grid is one job array, and a preempted or timed-out job checkpoints (the training
+script saves on SIGTERM) and is requeued, to resume where it stopped.
+
+    python common/sweep.py 1_pretrain_vs_scratch --dry-run             # the commands, one per line
+    python common/sweep.py 1_pretrain_vs_scratch 5_lambda --jobs 2 --threads 1
+    python common/sweep.py all --cluster slurm --partition gpu --gpus-per-job 1 --jobs 32 --timeout-min 720
+"""
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Args:
+    experiments: tyro.conf.Positional[tuple[str, ...]]
+    """experiment names from --experiments-file, or all"""
+    experiments_file: str = str(ROOT / "benchmark_results" / "experiments.toml")
+    """the TOML file that declares the experiments"""
+    seeds: Optional[tuple[int, ...]] = None
+    """only these seeds of each experiment (default: all it declares)"""
+    jobs: int = 2
+    """runs at a time: local processes, or SLURM's array parallelism"""
+    threads: int = 1
+    """torch CPU threads per run (passed as --threads; on SLURM also the CPUs per task)"""
+    cluster: Literal["local", "slurm", "debug"] = "local"
+    """local: subprocesses here; slurm: one job array; debug: one run after another in this process"""
+    partition: Optional[str] = None
+    """SLURM partition"""
+    gpus_per_job: int = 0
+    """GPUs per run on SLURM (the scripts use one)"""
+    timeout_min: int = 24 * 60
+    """wall-clock limit per job in minutes (on SLURM a job that reaches it checkpoints and is requeued)"""
+    slurm_setup: tuple[str, ...] = ()
+    """shell lines each SLURM job runs first, e.g. 'source ~/venv/bin/activate'"""
+    work_dir: str = "."
+    """the runs go to <work-dir>/runs/<experiment>/, as the scripts write them when started there"""
+    dry_run: bool = False
+    """print each run's command (and on SLURM the batch script) without running anything"""
+
+
+@dataclass
+class TrainingRun:
+    """One run of the grid: its name, script and flags."""
+
+    name: str
+    script: str
+    flags: list
+
+    def command(self, runs_dir: str, threads: int) -> list:
+        """The command that finishes this run from wherever it stands: resume if it saved a checkpoint."""
+        run_dir = Path(runs_dir) / self.name
+        script = [sys.executable, str(ROOT / "algos" / self.script)]
+        if (run_dir / "checkpoint.pt").exists():
+            return [*script, "--resume", str(run_dir), "--threads", str(threads)]
+        return [*script, *self.flags, "--run-name", self.name, "--threads", str(threads)]
+
+
+def expand(experiments: dict, names) -> list:
+    """The grid of each named experiment as TrainingRuns, seed by seed (so that a grid stopped half-way has
+    whole seeds of every condition)."""
+    runs = []
+    for name in (experiments if names == ("all",) else names):
+        if name not in experiments:
+            raise SystemExit(f"error: no experiment '{name}' in the experiments file; it declares: "
+                             f"{', '.join(experiments)}")
+        spec, grid = experiments[name], []
+        for condition, setting in spec["conditions"].items():
+            setting = {"flags": setting} if isinstance(setting, str) else setting
+            for dataset in setting.get("datasets", spec["datasets"]):
+                for seed in setting.get("seeds", spec["seeds"]):
+                    flags = ["--env-id", dataset, "--seed", str(seed), *shlex.split(spec.get("flags", "")),
+                             *shlex.split(setting.get("flags", ""))]
+                    run_name = f"{name}/{condition}__{dataset.replace('/', '-')}__s{seed}"
+                    grid.append((seed, TrainingRun(run_name, setting.get("script", spec["script"]), flags)))
+        runs += [run for _, run in sorted(grid, key=lambda item: item[0])]  # stable: conditions keep their order
+    return runs
+
+
+class Job:
+    """What each submitit job runs: one training run to its end, as a subprocess whose output goes to
+    runs/<name>.log. On SLURM, submitit calls `checkpoint` when the job is preempted or about to time out:
+    the training process gets SIGTERM, saves its checkpoint and exits, and the job is requeued to resume."""
+
+    def __init__(self, runs_dir: str, threads: int):
+        self.runs_dir, self.threads, self.process = runs_dir, threads, None
+
+    def __call__(self, run: TrainingRun) -> str:
+        run_dir = Path(self.runs_dir) / run.name
+        if (run_dir / "model.pt").exists():
+            return "already finished"
+        if run_dir.exists() and not (run_dir / "checkpoint.pt").exists():
+            shutil.rmtree(run_dir)  # started but stopped before saving anything: start it again
+        log = Path(self.runs_dir) / f"{run.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        command = run.command(self.runs_dir, self.threads)
+        with open(log, "a") as out:
+            out.write(f"$ {shlex.join(command)}\n")
+            out.flush()
+            env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONWARNINGS": "ignore"}
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                            cwd=Path(self.runs_dir).resolve().parent)  # the scripts write to runs/
+            code = self.process.wait()
+        if code != 0:
+            raise RuntimeError(f"{run.name} exited with {code}; see {log}")
+        return "finished"
+
+    def checkpoint(self, run: TrainingRun):
+        import submitit
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # the script saves and exits
+            self.process.wait()
+        return submitit.helpers.DelayedSubmission(Job(self.runs_dir, self.threads), run)
+
+
+def slurm_parameters(args: Args) -> dict:
+    """What the job array asks SLURM for: one task per run, --threads CPUs, --gpus-per-job GPUs, the time limit;
+    USR2 two minutes before it, on which submitit checkpoints the run and requeues it."""
+    return dict(job_name="first-imitate", time=args.timeout_min, ntasks_per_node=1, cpus_per_task=args.threads,
+                array_parallelism=args.jobs, signal_delay_s=120, setup=list(args.slurm_setup),
+                **({"partition": args.partition} if args.partition else {}),
+                **({"gpus_per_node": args.gpus_per_job} if args.gpus_per_job else {}))
+
+
+def make_executor(args: Args, folder: Path):
+    import submitit
+
+    if args.cluster == "debug":
+        return submitit.DebugExecutor(folder=folder)
+    if args.cluster == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        # Without a timeout the local executor kills a job after 2 minutes.
+        executor.update_parameters(timeout_min=args.timeout_min)
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=100)
+    executor.update_parameters(**slurm_parameters(args))
+    return executor
+
+
+def slurm_batch_script(args: Args, folder: Path, num_runs: int) -> str:
+    """The sbatch script that submitit writes for a job array of `num_runs` runs (also off a cluster)."""
+    import submitit
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = " ".join([sys.executable, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=submitit.core.utils.JobPaths.get_first_id_independent_folder(
+        folder), map_count=num_runs, **slurm_parameters(args))
+
+
+def run_locally(executor, job, runs, limit):
+    """Submit at most `limit` runs at a time (the local executor would start them all at once)."""
+    pending, running, failures = list(runs), [], []
+    while pending or running:
+        while pending and len(running) < limit:
+            run = pending.pop(0)
+            running.append((run, executor.submit(job, run)))
+            print(f"started {run.name}", flush=True)
+        time.sleep(0.5)
+        for run, handle in [r for r in running if r[1].done()]:
+            running.remove((run, handle))
+            try:
+                print(f"{run.name}: {handle.result()}", flush=True)
+            except Exception as e:  # a failed run does not stop the others
+                failures.append((run.name, last_line(e)))
+                print(f"{run.name}: FAILED", flush=True)
+    return failures
+
+
+def last_line(error: Exception) -> str:
+    lines = [line for line in str(error).strip().splitlines() if "exited with" in line]
+    return lines[-1].strip() if lines else str(error).strip().splitlines()[-1]
+
+
+def main(args: Args) -> None:
+    with open(args.experiments_file, "rb") as f:
+        experiments = tomllib.load(f)
+    runs = expand(experiments, args.experiments)
+    if args.seeds is not None:
+        runs = [run for run in runs if int(run.name.rsplit("__s", 1)[1]) in args.seeds]
+    runs_dir = (Path(args.work_dir) / "runs").resolve()
+    todo = [run for run in runs if not (runs_dir / run.name / "model.pt").exists()]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run "
+          f"({sum((runs_dir / r.name / 'checkpoint.pt').exists() for r in todo)} of them resume)")
+    folder = runs_dir / ".submitit"
+    if args.dry_run:
+        for run in todo:
+            print(shlex.join(run.command(str(runs_dir), args.threads)))
+        if args.cluster == "slurm" and todo:
+            print(slurm_batch_script(args, folder, len(todo)))
+        return
+    if not todo:
+        return
+    executor, job = make_executor(args, folder), Job(str(runs_dir), args.threads)
+    if args.cluster == "slurm":
+        handles = executor.map_array(job, todo)
+        print(f"submitted job array {handles[0].job_id.split('_')[0]} ({len(handles)} runs, {args.jobs} at a time); "
+              f"each run's output goes to {runs_dir}/<experiment>/<run>.log")
+        return
+    if args.cluster == "debug":
+        failures = []
+        for run in todo:
+            try:
+                print(f"{run.name}: {executor.submit(job, run).result()}", flush=True)
+            except Exception as e:
+                failures.append((run.name, last_line(e)))
+    else:
+        failures = run_locally(executor, job, todo, args.jobs)
+    if failures:
+        print(f"{len(failures)} of {len(todo)} runs failed:")
+        for name, reason in failures:
+            print(f"  {name}: {reason}")
+        raise SystemExit(1)
+    print(f"all {len(todo)} runs finished")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

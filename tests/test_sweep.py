@@ -1,0 +1,140 @@
+"""common/sweep.py: a tiny grid through submitit's local and debug executors, re-runs that skip, runs that
+resume, failures that are reported, and the SLURM job array it would submit."""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+
+pytest.importorskip("submitit")
+
+GRID = """
+[tiny]
+script = "td3bc_pretrain.py"
+datasets = ["{dataset}"]
+seeds = [0, 1]
+flags = "--total-steps 300 --pretrain-steps 100 --hidden-dim 64 --eval-episodes 0 --checkpoint-interval 100"
+conditions = {{ pretrained = "--pretrain actor-critic", scratch = "--pretrain none" }}
+
+[mixed]
+script = "td3bc_pretrain.py"
+datasets = ["{dataset}"]
+seeds = [0]
+flags = "--total-steps 100 --pretrain-steps 50 --hidden-dim 64 --eval-episodes 0"
+conditions = {{ good = "", bad = "--batch-size 0", other_script = {{ script = "td3bc_cql_pretrain.py" }} }}
+"""
+
+
+@pytest.fixture
+def grid(tiny_dataset, tmp_path):
+    path = tmp_path / "experiments.toml"
+    path.write_text(GRID.format(dataset=tiny_dataset))
+    return path
+
+
+def sweep(grid, work_dir, *args):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(REPO / "common" / "sweep.py"), *map(str, args), "--experiments-file",
+                           str(grid), "--work-dir", str(work_dir)], capture_output=True, text=True, env=env,
+                          timeout=900)
+
+
+def starts(log):
+    return [line for line in log.read_text().splitlines() if line.startswith("$ ")]
+
+
+@pytest.mark.parametrize("cluster", ["local", "debug"])
+def test_grid_runs_each_run_once_and_a_rerun_skips_them(cluster, grid, tmp_path):
+    result = sweep(grid, tmp_path, "tiny", "--cluster", cluster, "--jobs", 2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 4 runs finished" in result.stdout
+    runs = sorted((tmp_path / "runs" / "tiny").glob("*__s*"))
+    assert [r.name for r in runs if r.is_dir()] == [
+        "pretrained__test-hopper-medium-v0__s0", "pretrained__test-hopper-medium-v0__s1",
+        "scratch__test-hopper-medium-v0__s0", "scratch__test-hopper-medium-v0__s1"]
+    for run in (r for r in runs if r.is_dir()):
+        assert (run / "model.pt").exists()
+        assert len(starts(run.with_name(run.name + ".log"))) == 1  # started once
+    again = sweep(grid, tmp_path, "tiny", "--cluster", cluster)
+    assert again.returncode == 0 and "4 runs, 4 finished, 0 to run" in again.stdout
+
+
+def test_an_interrupted_run_is_resumed_not_restarted(grid, tmp_path):
+    straight = tmp_path / "straight"
+    assert sweep(grid, straight, "tiny").returncode == 0
+    # One run of the grid, started by hand with the sweep's own command and stopped after a checkpoint.
+    work = tmp_path / "interrupted"
+    (work / "runs").mkdir(parents=True)
+    command = [line for line in sweep(grid, work, "tiny", "--dry-run").stdout.splitlines()
+               if "scratch__test-hopper-medium-v0__s1" in line][0].split()
+    process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_dir = work / "runs" / "tiny" / "scratch__test-hopper-medium-v0__s1"
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint.pt").exists():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 143
+    result = sweep(grid, work, "tiny")
+    assert result.returncode == 0 and "(1 of them resume)" in result.stdout, result.stdout
+    log = work / "runs" / "tiny" / "scratch__test-hopper-medium-v0__s1.log"
+    assert "--resume" in starts(log)[0]
+    a = torch.load(run_dir / "model.pt", weights_only=True)
+    b = torch.load(straight / "runs" / "tiny" / run_dir.name / "model.pt", weights_only=True)
+    assert all(torch.equal(a["actor"][k], b["actor"][k]) for k in a["actor"])
+
+
+def test_a_failing_run_is_reported_with_its_log_and_the_others_finish(grid, tmp_path):
+    result = sweep(grid, tmp_path, "mixed", "--jobs", 2)
+    assert result.returncode == 1
+    log = tmp_path / "runs" / "mixed" / "bad__test-hopper-medium-v0__s0.log"
+    assert "1 of 3 runs failed:\n  mixed/bad__test-hopper-medium-v0__s0: " in result.stdout
+    assert f"see {log}" in result.stdout
+    assert "--batch-size must be positive" in log.read_text()
+    for good in ("good", "other_script"):
+        assert (tmp_path / "runs" / "mixed" / f"{good}__test-hopper-medium-v0__s0" / "model.pt").exists()
+
+
+def test_slurm_job_array_it_would_submit(grid, tmp_path):
+    result = sweep(grid, tmp_path, "tiny", "mixed", "--cluster", "slurm", "--dry-run", "--partition", "gpu",
+                   "--gpus-per-job", 1, "--jobs", 3, "--threads", 2, "--timeout-min", 600,
+                   "--slurm-setup", "source ~/venv/bin/activate")
+    assert result.returncode == 0, result.stderr
+    for line in ("#SBATCH --array=0-6%3", "#SBATCH --cpus-per-task=2", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --signal=USR2@120",
+                 "source ~/venv/bin/activate", "-m submitit.core._submit"):
+        assert line in result.stdout, line
+    commands = [line for line in result.stdout.splitlines() if "algos/" in line]
+    assert len(commands) == 7 and all("--threads 2" in c for c in commands)
+
+
+def test_preemption_checkpoints_the_run_and_requeues_it(grid, tmp_path):
+    """What submitit calls on SLURM's preemption or time-out signal: the training process saves and stops,
+    and the same run is submitted again (where it will resume)."""
+    spec = importlib.util.spec_from_file_location("sweep", REPO / "common" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import tomllib
+
+    run = module.expand(tomllib.loads(grid.read_text()), ("tiny",))[0]
+    (tmp_path / "runs").mkdir()
+    job = module.Job(str(tmp_path / "runs"), 1)
+    job.process = subprocess.Popen(run.command(str(tmp_path / "runs"), 1), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "runs" / run.name).glob("events*")):
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.5)
+    requeued = job.checkpoint(run)
+    assert job.process.returncode == 143 and (tmp_path / "runs" / run.name / "checkpoint.pt").exists()
+    assert requeued.args == (run,) and isinstance(requeued.function, module.Job)
+    assert "--resume" in run.command(str(tmp_path / "runs"), 1)  # what the requeued job will run
