@@ -163,3 +163,33 @@ def test_batch_sampler_does_not_replay_the_weight_initialisation_stream(script):
     assert not torch.equal(torch.rand(100, generator=sampler), torch.rand(100, generator=same_seed))
     again = module.make_sampler(7, "cpu")
     assert torch.equal(torch.rand(100, generator=again), torch.rand(100, generator=module.make_sampler(7, "cpu")))
+
+
+# ---------------------------------------------------------------------------------------- --critic-init
+def make_dataset_with_large_returns(dataset_id):
+    """The tiny dataset's episodes with rewards x 50: Monte-Carlo returns in the hundreds, as in D4RL's MuJoCo."""
+    from minari.data_collector import EpisodeBuffer
+
+    source = minari.load_dataset("test/hopper/medium-v0")
+    episodes = [EpisodeBuffer(id=e.id, observations=e.observations, actions=e.actions, rewards=e.rewards * 50,
+                              terminations=e.terminations, truncations=e.truncations)
+                for e in source.iterate_episodes()]
+    minari.create_dataset_from_buffers(dataset_id, episodes, env=gym.make("Hopper-v5", max_episode_steps=TIME_LIMIT))
+
+
+@pytest.mark.parametrize("script, extra", [("td3bc_pretrain.py", []), ("edac_pretrain.py", ["--num-critics", 3])])
+def test_critic_init_starts_the_critics_at_the_scale_of_their_targets(script, extra, tiny_dataset, tmp_path):
+    if "test/hopper/large-returns-v0" not in minari.list_local_datasets():
+        make_dataset_with_large_returns("test/hopper/large-returns-v0")
+    fit = {}
+    for init in ("paper", "mean-target"):
+        result = run_script(script, "--env-id", "test/hopper/large-returns-v0", "--total-steps", 600,
+                            "--pretrain-steps", 600, *SMALL, *extra, "--critic-init", init, "--run-name", init,
+                            cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        logged = scalars(tmp_path / "runs" / init)
+        fit[init] = logged["pretrain/q_mean"][-1][1], logged["pretrain/target_mean"][-1][1]
+    q, target = fit["mean-target"]
+    assert target > 100 and abs(q - target) < 0.1 * target, fit  # a few hundred critic steps in: at the scale
+    q, target = fit["paper"]
+    assert q < 0.5 * target, fit  # without it, still far below
