@@ -248,8 +248,8 @@ def analyse(experiment, args):
     plt.close(fig)
     header = (f"### {experiment}: {title}\n\n![{experiment}]({experiment}.png)\n\n")
     if lines:
-        header += (f"| dataset | condition | seeds finished / plotted | steps | final IQM [95 % CI] | final mean ± std | "
-                   f"P(better than {baseline}) [95 % CI] | steps to 90 % of the best final IQM [95 % CI] |\n"
+        header += ("| dataset | condition | seeds finished / plotted | steps | final IQM [95 % CI] | final mean ± std "
+                   f"| P(better than {baseline}) [95 % CI] | steps to 90 % of the best final IQM [95 % CI] |\n"
                    "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
     return rows, header
 

@@ -86,14 +86,16 @@ class PlainTD3BC:
         self.actor = plain_mlp(OBS_DIM, ACT_DIM, 3, final_tanh=True).to(device)
         self.critic_1 = plain_mlp(OBS_DIM + ACT_DIM, 1, 2).to(device)
         self.critic_2 = plain_mlp(OBS_DIM + ACT_DIM, 1, 2).to(device)
-        self.actor_target, self.critic_1_target, self.critic_2_target = map(copy.deepcopy, (self.actor, self.critic_1, self.critic_2))
+        self.actor_target, self.critic_1_target, self.critic_2_target = map(copy.deepcopy, (self.actor, self.critic_1,
+                                                                                            self.critic_2))
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4)
         self.critic_1_opt = torch.optim.Adam(self.critic_1.parameters(), lr=3e-4)
         self.critic_2_opt = torch.optim.Adam(self.critic_2.parameters(), lr=3e-4)
 
     def update(self):
         idx = np.random.randint(0, NUM_TRANSITIONS, size=256)
-        obs, act, rew, next_obs, done = (self.data[k][idx] for k in ("observations", "actions", "rewards", "next_observations", "terminations"))
+        obs, act, rew, next_obs, done = (self.data[k][idx] for k in ("observations", "actions", "rewards",
+                                                                     "next_observations", "terminations"))
         log = {}
         with torch.no_grad():
             noise = (torch.randn_like(act) * 0.2).clamp(-0.5, 0.5)
@@ -216,7 +218,8 @@ class PlainEDAC:
 
     def update(self):
         idx = np.random.randint(0, NUM_TRANSITIONS, size=256)
-        obs, act, rew, next_obs, done = (self.data[k][idx] for k in ("observations", "actions", "rewards", "next_observations", "terminations"))
+        obs, act, rew, next_obs, done = (self.data[k][idx] for k in ("observations", "actions", "rewards",
+                                                                     "next_observations", "terminations"))
         pi, log_prob = self.actor(obs, torch.randn(256, ACT_DIM, device=self.device))
         alpha_loss = (-self.log_alpha * (log_prob.detach() - ACT_DIM)).mean()
         self.alpha_opt.zero_grad()

@@ -62,11 +62,15 @@ D4RL_REFERENCE_SCORES = {
 # while training. ARS with the paper's settings peaked at 2,652 on HalfCheetah and then fell back, and
 # needed millions of steps on Walker2d, hence SAC for those two.
 ENV_DEFAULTS = {
-    "hopper": dict(medium_return=1600.0, expert_return=3000.0, learner="ars", directions=8, top_directions=4, step_size=0.01, exploration_noise=0.025, reward_shift=1.0),
-    "halfcheetah": dict(medium_return=4700.0, expert_return=6000.0, learner="sac", directions=32, top_directions=4, step_size=0.02, exploration_noise=0.03, reward_shift=0.0),
-    "walker2d": dict(medium_return=3000.0, expert_return=4300.0, learner="sac", directions=40, top_directions=30, step_size=0.025, exploration_noise=0.01, reward_shift=1.0),
+    "hopper": dict(medium_return=1600.0, expert_return=3000.0, learner="ars", directions=8, top_directions=4,
+                   step_size=0.01, exploration_noise=0.025, reward_shift=1.0),
+    "halfcheetah": dict(medium_return=4700.0, expert_return=6000.0, learner="sac", directions=32, top_directions=4,
+                        step_size=0.02, exploration_noise=0.03, reward_shift=0.0),
+    "walker2d": dict(medium_return=3000.0, expert_return=4300.0, learner="sac", directions=40, top_directions=30,
+                     step_size=0.025, exploration_noise=0.01, reward_shift=1.0),
 }
-FALLBACK_DEFAULTS = dict(medium_return=None, expert_return=None, learner="sac", directions=16, top_directions=8, step_size=0.02, exploration_noise=0.03, reward_shift=0.0)
+FALLBACK_DEFAULTS = dict(medium_return=None, expert_return=None, learner="sac", directions=16, top_directions=8,
+                         step_size=0.02, exploration_noise=0.03, reward_shift=0.0)
 
 
 @dataclass
@@ -82,7 +86,8 @@ class Args:
     stop_at: Literal["medium", "expert"] = "medium"
     """train until the medium level only, or go on to the expert level"""
     medium_return: Optional[float] = None
-    """average return (with action noise) that counts as medium; default per env (hopper 1600, halfcheetah 4700, walker2d 3000)"""
+    """average return (with action noise) that counts as medium; default per env (hopper 1600, halfcheetah 4700,
+    walker2d 3000)"""
     expert_return: Optional[float] = None
     """average return that counts as expert; default per env"""
     medium_size: int = 1_000_000
@@ -122,7 +127,8 @@ class Args:
     sac_batch_size: int = 128
     """SAC: minibatch size (one update per environment step)"""
     medium_policy: Optional[str] = None
-    """write medium-v0 from this saved policy (.npz, e.g. benchmark_results/behaviour_policies/hopper_medium.npz) instead of training; skips medium-replay-v0"""
+    """write medium-v0 from this saved policy (.npz, e.g. benchmark_results/behaviour_policies/hopper_medium.npz)
+    instead of training; skips medium-replay-v0"""
     threads: int = 1
     """torch CPU threads for SAC (one update is too small to gain from more)"""
     work_dir: str = "runs/make_dataset"
@@ -148,7 +154,8 @@ class LinearPolicy:
         return np.clip(w @ ((obs - self.obs_mean) / self.obs_std), self.low, self.high)
 
     def save(self, path, **extra):
-        np.savez(path, kind="linear", weights=self.weights, obs_mean=self.obs_mean, obs_std=self.obs_std, low=self.low, high=self.high, **extra)
+        np.savez(path, kind="linear", weights=self.weights, obs_mean=self.obs_mean, obs_std=self.obs_std, low=self.low,
+                 high=self.high, **extra)
 
 
 class MLPPolicy:
@@ -167,7 +174,8 @@ class MLPPolicy:
         return self.low + (np.tanh(h) + 1.0) * (self.high - self.low) / 2
 
     def save(self, path, **extra):
-        weights = {f"w{i}": w for i, (w, _) in enumerate(self.layers)} | {f"b{i}": b for i, (_, b) in enumerate(self.layers)}
+        weights = {f"w{i}": w for i, (w, _) in enumerate(self.layers)}
+        weights |= {f"b{i}": b for i, (_, b) in enumerate(self.layers)}
         np.savez(path, kind="mlp", low=self.low, high=self.high, **weights, **extra)
 
 
@@ -281,7 +289,8 @@ def train_ars(args, settings, env, work_dir):
         if state["iteration"] % args.eval_every == 0:
             policy = LinearPolicy(state["weights"].copy(), state["stats"].mean, state["stats"].std, low, high)
             evaluate_and_checkpoint(args, settings, env, policy, state, work_dir, progress)
-            progress.set_postfix(avg_return=f"{state['history'][-1][2]:.0f}", replay_steps=sum(len(e.rewards) for e in state["replay"]))
+            progress.set_postfix(avg_return=f"{state['history'][-1][2]:.0f}",
+                                 replay_steps=sum(len(e.rewards) for e in state["replay"]))
             save_state(state_path, state)
     progress.close()
     warn_if_unreached(args, settings, state, "--max-iterations")
@@ -301,11 +310,13 @@ def evaluate_and_checkpoint(args, settings, env, policy, state, work_dir, progre
         state["best_level"] = level
         policy.save(os.path.join(work_dir, f"policy_return{int(level)}.npz"), **provenance)
     for name in ("medium", "expert"):
-        if settings[f"{name}_return"] is not None and avg >= settings[f"{name}_return"] and name not in state["checkpoints"]:
+        level = settings[f"{name}_return"]
+        if level is not None and avg >= level and name not in state["checkpoints"]:
             state["checkpoints"][name] = os.path.join(work_dir, f"policy_{name}.npz")
             policy.save(state["checkpoints"][name], **provenance)
             state["replay_done"] = True  # medium-replay stops at the medium level
-            progress.write(f"{name} level reached: average return {avg:.0f} after {state['env_steps']:,} environment steps")
+            progress.write(f"{name} level reached: average return {avg:.0f} after {state['env_steps']:,} "
+                           "environment steps")
 
 
 def save_state(path, state):
@@ -329,7 +340,8 @@ def warn_if_unreached(args, settings, state, budget_flag):
     if target_name not in state["checkpoints"]:
         best = max((h[2] for h in state["history"]), default=float("nan"))
         print(f"warning: the learner did not reach the {target_name} level ({settings[f'{target_name}_return']:.0f}) "
-              f"within its budget (best average return {best:.0f}); raise {budget_flag} or lower --{target_name}-return.")
+              f"within its budget (best average return {best:.0f}); raise {budget_flag} or lower "
+              f"--{target_name}-return.")
 
 
 # ------------------------------------------------------------------------------- SAC training
@@ -355,7 +367,8 @@ class SACActor(nn.Module):
 
     def mean_policy(self, low, high):
         layers = [self.trunk[0], self.trunk[2], self.mean]
-        return MLPPolicy([(layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()) for layer in layers], low, high)
+        weights = [(layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()) for layer in layers]
+        return MLPPolicy(weights, low, high)
 
 
 class TwinCritic(nn.Module):
@@ -364,7 +377,8 @@ class TwinCritic(nn.Module):
     def __init__(self, obs_dim, act_dim, hidden):
         super().__init__()
         self.q = nn.ModuleList(
-            nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                          nn.Linear(hidden, 1))
             for _ in range(2)
         )
 
@@ -389,16 +403,19 @@ def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
     actor_opt = torch.optim.Adam(actor.parameters(), lr=lr, fused=True)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=lr, fused=True)
     alpha_opt = torch.optim.Adam([log_alpha], lr=lr, fused=True)
-    modules = dict(actor=actor, critic=critic, critic_target=critic_target, actor_opt=actor_opt, critic_opt=critic_opt, alpha_opt=alpha_opt)
+    modules = dict(actor=actor, critic=critic, critic_target=critic_target, actor_opt=actor_opt, critic_opt=critic_opt,
+                   alpha_opt=alpha_opt)
 
     # Observations and rewards kept exactly as the environment returned them, for medium-replay.
-    columns = dict(observations=((obs_dim,), np.float64), next_observations=((obs_dim,), np.float64), actions=((act_dim,), np.float32),
+    columns = dict(observations=((obs_dim,), np.float64), next_observations=((obs_dim,), np.float64),
+                   actions=((act_dim,), np.float32),
                    rewards=((), np.float64), terminations=((), bool), truncations=((), bool))
     buffer = {k: np.zeros((args.sac_max_steps, *shape), dtype) for k, (shape, dtype) in columns.items()}
     state = load_state(state_path)
     if state is None:
-        state = dict(iteration=0, env_steps=0, next_eval=args.sac_eval_every, history=[], checkpoints={}, best_level=-np.inf,
-                     replay_done=False, replay_end=None, episode_starts=[0], episode_seeds=[], rng=np.random.default_rng(args.seed))
+        state = dict(iteration=0, env_steps=0, next_eval=args.sac_eval_every, history=[], checkpoints={},
+                     best_level=-np.inf, replay_done=False, replay_end=None, episode_starts=[0], episode_seeds=[],
+                     rng=np.random.default_rng(args.seed))
     else:
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
@@ -542,7 +559,8 @@ def main(args: Args) -> None:
     settings = {**ENV_DEFAULTS.get(env_short_name(args.env_id), FALLBACK_DEFAULTS)}
     settings.update({k: getattr(args, k) for k in settings if getattr(args, k) is not None})
     if settings[f"{args.stop_at}_return"] is None:
-        raise SystemExit(f"error: no default return levels for {args.env_id}; pass --medium-return (and --expert-return).")
+        raise SystemExit(f"error: no default return levels for {args.env_id}; pass --medium-return (and "
+                         "--expert-return).")
     work_dir = os.path.join(args.work_dir, env_short_name(args.env_id))
     os.makedirs(work_dir, exist_ok=True)
     started = time.time()
@@ -561,12 +579,14 @@ def main(args: Args) -> None:
         def random_episodes():
             env.action_space.seed(args.seed)
             return collect(env, lambda obs: env.action_space.sample(), args.random_size, args.seed + 1, "random")
-        write_dataset(args, "random", random_episodes, "uniformly random actions", d4rl_note + "Uniformly random actions.")
+        write_dataset(args, "random", random_episodes, "uniformly random actions",
+                      d4rl_note + "Uniformly random actions.")
     if "medium" in checkpoints and replay is not None:
         learner = "ARS V2-t" if settings["learner"] == "ars" else "SAC"
         what = "its perturbed policies' rollouts" if settings["learner"] == "ars" else "its whole replay buffer"
         write_dataset(args, "medium-replay", lambda: replay, learner,
-                      d4rl_note + f"The {learner} learner's data until it reached the medium level: {what}.", checkpoints["medium"])
+                      d4rl_note + f"The {learner} learner's data until it reached the medium level: {what}.",
+                      checkpoints["medium"])
     for name in ("medium", "expert"):
         if name in checkpoints:
             policy = load_policy(checkpoints[name])
@@ -574,7 +594,8 @@ def main(args: Args) -> None:
             act = noisy(policy, np.random.default_rng(args.seed + 2), args.action_noise)
             write_dataset(args, name, lambda: collect(env, act, args.medium_size, args.seed + 3, name),
                           f"{kind} + N(0, {args.action_noise}^2) action noise",
-                          d4rl_note + f"The {name}-level {kind} with N(0, {args.action_noise}^2) action noise.", checkpoints[name])
+                          d4rl_note + f"The {name}-level {kind} with N(0, {args.action_noise}^2) action noise.",
+                          checkpoints[name])
     print(f"done in {time.time() - started:.0f} s; datasets under {minari.storage.get_dataset_path()}")
 
 

@@ -25,8 +25,10 @@ def make_tiny_dataset(dataset_id, num_episodes=40, seed=0, env_id="Hopper-v5"):
     env = gym.make(env_id, max_episode_steps=TIME_LIMIT)
     rng = np.random.default_rng(seed)
     weights = rng.normal(scale=0.3, size=(env.action_space.shape[0], env.observation_space.shape[0]))
-    act = lambda obs: np.clip(np.tanh(weights @ obs) + 0.1 * rng.standard_normal(weights.shape[0]), -1, 1).astype(np.float32)
-    episodes = [dataclasses.replace(rollout(env, act, seed=seed * 1000 + i, record=True)[2], id=i) for i in range(num_episodes)]
+    noise = lambda: 0.1 * rng.standard_normal(weights.shape[0])
+    act = lambda obs: np.clip(np.tanh(weights @ obs) + noise(), -1, 1).astype(np.float32)
+    episodes = [dataclasses.replace(rollout(env, act, seed=seed * 1000 + i, record=True)[2], id=i)
+                for i in range(num_episodes)]
     return minari.create_dataset_from_buffers(
         dataset_id, episodes, env=env, ref_min_score=-20.27, ref_max_score=3234.3,
         algorithm_name="noisy linear policy", description="tiny test dataset",

@@ -51,7 +51,7 @@ def test_tanh_gaussian_log_prob_matches_numerical_change_of_variables():
     for a in (-1.9, -0.5, 0.0, 0.7, 1.5):
         action = torch.full((5, 1), a)
         width = 1e-5
-        lo, hi = torch.atanh(torch.tensor((a - width / 2) / 2.0, dtype=torch.float64)), torch.atanh(torch.tensor((a + width / 2) / 2.0, dtype=torch.float64))
+        lo, hi = (torch.atanh(torch.tensor((a + sign * width / 2) / 2.0, dtype=torch.float64)) for sign in (-1, 1))
         numeric = torch.log((normal.cdf(hi) - normal.cdf(lo)) / width).squeeze(-1)
         torch.testing.assert_close(actor.log_prob(obs, action).double(), numeric, rtol=1e-4, atol=1e-4)
     # The sampling path gives the same log-probability as evaluating its own action.
@@ -162,6 +162,7 @@ def test_bad_flags_are_refused(script, flags, expected, minari_path):
 def test_per_dataset_defaults_follow_the_authors_table():
     assert edac.dataset_defaults("hopper", "medium")["num_critics"] == 50
     assert edac.dataset_defaults("halfcheetah", "expert")["eta"] == 5.0
-    assert (edac.dataset_defaults("pen", "human")["num_critics"], edac.dataset_defaults("pen", "human")["eta"]) == (20, 1000.0)
+    pen = edac.dataset_defaults("pen", "human")
+    assert (pen["num_critics"], pen["eta"]) == (20, 1000.0)
     assert edac.dataset_defaults("walker2d", "medium")["pretrain_steps"] == 100_000
     assert math.isclose(load_script("td3bc_pretrain.py").dataset_defaults("walker2d", "medium-replay")["alpha"], 5.0)

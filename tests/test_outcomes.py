@@ -117,7 +117,8 @@ def test_saturated_coordinates_count_by_their_probability_mass_beyond_the_bound(
     interior = normal.log_prob(u)[:, 1] - torch.log(2 * (1 - torch.tanh(u) ** 2))
     expected = torch.log(1 - normal.cdf(torch.tensor(bound)))[:, 0] + torch.log(normal.cdf(torch.tensor(-bound)))[:, 2]
     expected = expected + interior
-    torch.testing.assert_close(actor.data_log_prob(mean, log_std, action, 0.99).double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actor.data_log_prob(mean, log_std, action, 0.99).double(), expected, rtol=1e-4,
+                               atol=1e-4)
     # saturation = 1 is the authors' likelihood: the density at the action clipped to +-(1 - 1e-6).
     clipped = torch.atanh((action / 2.0).clamp(-1 + 1e-6, 1 - 1e-6))
     torch.testing.assert_close(actor.data_log_prob(mean, log_std, action, 1.0),

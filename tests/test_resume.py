@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import dataclasses
-
 import gymnasium as gym
 import minari
 import pytest
@@ -112,13 +110,15 @@ def test_metric_log_means_count_only_the_steps_that_reported():
 def test_exploding_loss_stops_the_run_with_a_message(minari_path, tmp_path):
     """Rewards of 1e30 are finite, but their squared regression error is not in float32."""
     dataset = make_tiny_dataset("test/hopper/huge-rewards-v0", num_episodes=3)
-    episodes = [dataclasses.replace(EpisodeBuffer(id=e.id, observations=e.observations, actions=e.actions,
-                                                  rewards=e.rewards, terminations=e.terminations, truncations=e.truncations),
-                                    rewards=e.rewards * 1e30) for e in dataset.iterate_episodes()]
+    episodes = [EpisodeBuffer(id=e.id, observations=e.observations, actions=e.actions, rewards=e.rewards * 1e30,
+                              terminations=e.terminations, truncations=e.truncations)
+                for e in dataset.iterate_episodes()]
     minari.delete_dataset("test/hopper/huge-rewards-v0")
-    minari.create_dataset_from_buffers("test/hopper/huge-rewards-v0", episodes, env=gym.make("Hopper-v5", max_episode_steps=TIME_LIMIT))
-    result = subprocess.run([sys.executable, str(REPO / "algos" / "td3bc_pretrain.py"), "--env-id", "test/hopper/huge-rewards-v0",
-                             "--total-steps", "100", "--pretrain-steps", "50", "--eval-episodes", "0", "--log-interval", "10",
+    env = gym.make("Hopper-v5", max_episode_steps=TIME_LIMIT)
+    minari.create_dataset_from_buffers("test/hopper/huge-rewards-v0", episodes, env=env)
+    result = subprocess.run([sys.executable, str(REPO / "algos" / "td3bc_pretrain.py"),
+                             "--env-id", "test/hopper/huge-rewards-v0", "--total-steps", "100",
+                             "--pretrain-steps", "50", "--eval-episodes", "0", "--log-interval", "10",
                              "--run-name", "nan"], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
     assert result.returncode != 0

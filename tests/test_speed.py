@@ -10,7 +10,8 @@ from conftest import load_script
 
 def batch_of(size=64, obs_dim=11, act_dim=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"observations": torch.randn(size, obs_dim, generator=g), "actions": torch.rand(size, act_dim, generator=g) * 2 - 1,
+    return {"observations": torch.randn(size, obs_dim, generator=g),
+            "actions": torch.rand(size, act_dim, generator=g) * 2 - 1,
             "rewards": torch.randn(size, generator=g), "next_observations": torch.randn(size, obs_dim, generator=g),
             "terminations": (torch.rand(size, generator=g) < 0.1).float(), "truncations": torch.zeros(size)}
 

@@ -26,7 +26,8 @@ def episode_mc_returns(dataset, gamma=0.99):
 
 
 def flat(dataset, key):
-    return np.concatenate([getattr(e, key)[:-1] if key == "observations" else getattr(e, key) for e in dataset.iterate_episodes()])
+    column = lambda e: getattr(e, key)[:-1] if key == "observations" else getattr(e, key)
+    return np.concatenate([column(e) for e in dataset.iterate_episodes()])
 
 
 def test_pretraining_fits_returns_and_imitates_actions(tiny_dataset, tmp_path):
@@ -152,7 +153,8 @@ def test_hostile_data_is_refused(defect, minari_path, capsys):
         from minari.data_collector import EpisodeBuffer
         import gymnasium as gym
         buffers = [EpisodeBuffer(id=i, observations=x.observations, actions=x.actions, rewards=x.rewards,
-                                 terminations=x.terminations, truncations=x.truncations) for i, x in enumerate(episodes)]
+                                 terminations=x.terminations, truncations=x.truncations)
+                   for i, x in enumerate(episodes)]
         buffers[1] = dataclasses.replace(buffers[1], observations=obs, actions=actions, rewards=rewards)
         minari.create_dataset_from_buffers(dataset_id, buffers, env=gym.make("Hopper-v5", max_episode_steps=TIME_LIMIT))
     message = main_error(capsys, env_id=dataset_id)
