@@ -78,7 +78,8 @@ class Args:
     lambda-returns are computed from the target networks, and these are recomputed every this many steps"""
     critic_init: Literal["paper", "mean-target"] = "paper"
     """paper: the usual initialisation; mean-target: each critic's output bias starts at the mean of its
-    pre-training targets (the soft returns), so pre-training fits the shape of Q, not its level"""
+    pre-training targets (the soft returns), so pre-training fits the shape of Q, not its level (when the
+    critics are pre-trained)"""
     num_critics: Optional[int] = None
     """size of the critic ensemble N (default per dataset from the authors' table, else 10)"""
     eta: Optional[float] = None
@@ -117,8 +118,9 @@ class Args:
     checkpoint_interval: int = 50_000
     """save a resumable checkpoint every this many steps (0: only when interrupted and at the end)"""
     resume: Optional[str] = None
-    """continue the run saved in this run directory, with its own settings; --total-steps (to extend it),
-    the evaluation, logging and checkpoint intervals, --threads, --device and --compile may change"""
+    """continue the run saved in this run directory, with its own settings; --total-steps (to extend it), the
+    evaluation, logging and checkpoint settings, --threads, --device, --compile and tracking may change (other
+    threads, devices or --compile change the last bits of the arithmetic, so the run is then no longer exact)"""
     run_name: Optional[str] = None
     """name of the run directory under runs/ (default: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
@@ -127,8 +129,8 @@ class Args:
     """torch CPU threads (default: torch's, one per core); on a machine shared with other jobs, give each run
     its share, e.g. 1 per run when running two on two cores"""
     compile: bool = False
-    """compile the networks with torch.compile (on GPUs into CUDA graphs, which removes the per-kernel launch
-    cost that bounds batch-256 updates); pays off on long runs"""
+    """on GPUs, replay each update step as one CUDA graph (10-13x faster updates on an H100: a batch-256 update
+    is bound by kernel launches); on CPUs, compile the networks with torch.compile (up to 1.2x)"""
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     """bf16: the hidden layers' matmuls in bf16, everything else in fp32; auto: bf16 where it pays (CPUs with
     AVX-512-BF16 or AMX), fp32 elsewhere (GPUs, where batch-256 updates are not bound by matmuls)"""
@@ -140,8 +142,8 @@ class Args:
     """W&B team or user, with --track (default: yours)"""
 
 
-# Per-dataset settings of the paper's authors (method.md): ensemble size N, eta, budgets, pre-training steps.
-ADROIT_ENVS = {"pen": 100, "door": 300, "hammer": 624, "relocate": 527}  # longest human demonstration
+# Per-dataset settings of the paper's authors: ensemble size N, eta, budgets, pre-training steps.
+ADROIT_DEMO_LENGTHS = {"pen": 100, "door": 300, "hammer": 624, "relocate": 527}  # steps, the longest human one
 EDAC_ENSEMBLES = {  # (env, quality) -> (N, eta)
     ("halfcheetah", "medium"): (10, 1.0), ("halfcheetah", "medium-replay"): (10, 1.0),
     ("halfcheetah", "medium-expert"): (10, 5.0), ("halfcheetah", "expert"): (50, 5.0),
@@ -158,7 +160,7 @@ def dataset_defaults(env_name: str, quality: str) -> dict:
         num_critics, eta = 50, 200.0
     else:
         num_critics, eta = EDAC_ENSEMBLES.get((env_name, quality), (10, 1.0))
-    if env_name in ADROIT_ENVS:
+    if env_name in ADROIT_DEMO_LENGTHS:
         return dict(num_critics=num_critics, eta=eta, total_steps=300_000, pretrain_steps=200_000)
     total = {"halfcheetah": 100_000, "hopper": 500_000, "walker2d": 500_000}.get(env_name, 1_000_000)
     pretrain = 100_000 if env_name == "walker2d" else 20_000
@@ -175,18 +177,9 @@ def hidden_layers(in_dim: int, hidden_dim: int, depth: int, layernorm: bool) -> 
     return layers
 
 
-def edac_init(layers, last: nn.Module) -> None:
-    """EDAC's initialisation: hidden biases 0.1, last layer uniform in +-3e-3 (small initial outputs)."""
-    for layer in layers:
-        if isinstance(layer, (nn.Linear, VectorizedLinear)):
-            nn.init.constant_(layer.bias, 0.1)
-    nn.init.uniform_(last.weight, -3e-3, 3e-3)
-    nn.init.uniform_(last.bias, -3e-3, 3e-3)
-
-
 def low_precision(x, enabled):
-    """With --precision bf16, the hidden layers' matmuls run in bf16 (3-5x faster where the hardware has
-    bf16 units); weights, optimiser states and the output layers stay fp32, since a Q of 300 in bf16 has a
+    """With --precision bf16, the hidden layers' matmuls run in bf16 (about twice as fast on CPUs with bf16
+    units); weights, optimiser states and the output layers stay fp32, since a Q of 300 in bf16 has a
     resolution of 2, as large as a reward. LayerNorm computes its statistics in fp32 either way."""
     return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
@@ -206,6 +199,18 @@ class VectorizedLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
+def edac_init(layers, heads, bound) -> None:
+    """EDAC's initialisation (An et al., 2021, as CORL and the paper's authors): hidden biases 0.1, output
+    layers uniform in +-bound (1e-3 for the actor's mean and log-std, 3e-3 for the critics), so that the
+    first outputs are small."""
+    for layer in layers:
+        if isinstance(layer, (nn.Linear, VectorizedLinear)):
+            nn.init.constant_(layer.bias, 0.1)
+    for head in heads:
+        nn.init.uniform_(head.weight, -bound, bound)
+        nn.init.uniform_(head.bias, -bound, bound)
+
+
 class Actor(nn.Module):
     """Tanh-Gaussian policy with 3 hidden layers and separate mean and log-std heads."""
 
@@ -214,8 +219,7 @@ class Actor(nn.Module):
         self.trunk = nn.Sequential(*hidden_layers(obs_dim, hidden_dim, 3, layernorm))
         self.mean = nn.Linear(hidden_dim, act_dim)
         self.log_std = nn.Linear(hidden_dim, act_dim)
-        edac_init(self.trunk, self.mean)
-        edac_init([], self.log_std)
+        edac_init(self.trunk, [self.mean, self.log_std], bound=1e-3)
         self.max_action, self.bf16 = max_action, bf16
 
     def distribution(self, obs):
@@ -243,8 +247,9 @@ class Actor(nn.Module):
         """Log-likelihood of dataset actions. A coordinate at or beyond `saturation` x max_action counts as
         saturated, i.e. clipped by whatever produced the data (censored): its likelihood is the mass the
         policy puts beyond that point, log P(+-u >= atanh(saturation)) = log Phi((+-mean - atanh(saturation))
-        / std). A density there instead grows without bound as the action nears the bound (atanh(1 - 1e-6)
-        = 7.25 costs thousands of nats for a narrow policy) and such coordinates would dominate the loss.
+        / std). A density there instead asks for pre-tanh values near atanh(1 - 1e-6) = 7.25: its negative
+        log grows without bound as the action nears the bound (thousands of nats for a narrow policy that
+        does not reach it), and such coordinates dominate the loss.
         saturation = 1 keeps the density everywhere, through atanh of the action clipped to +-(1 - 1e-6)."""
         a = action / self.max_action
         if saturation >= 1:
@@ -275,7 +280,7 @@ class Critic(nn.Module):
             layers += [nn.ReLU()]
         self.trunk = nn.Sequential(*layers)
         self.head = VectorizedLinear(hidden_dim, 1, num_critics)
-        edac_init(self.trunk, self.head)
+        edac_init(self.trunk, [self.head], bound=3e-3)
         self.num_critics, self.bf16 = num_critics, bf16
 
     def forward(self, obs, action):
@@ -493,12 +498,12 @@ def schedule(args) -> str:
             f"critics and eta {args.eta:g}" + (f"; lambda {args.lam:g}" if args.lam else ""))
 
 
-def main(args: Args) -> None:
-    args, checkpoint = prepare_args(args)  # resume, per-dataset defaults, checks
+def main(args: Args, given=None) -> None:
+    args, checkpoint = prepare_args(args, given)  # resume, per-dataset defaults, checks
     datasets, data = load_data(args.env_id)  # every transition as flat NumPy arrays, checked
     device = setup_device(args)  # --device, --threads, --precision
     if checkpoint is None:
-        seed_everything(args.seed)
+        seed_everything(args.seed)  # (a resumed run restores every random state instead, in Run)
     sampler = make_sampler(args.seed, device)  # batch indices and noise, drawn on the training device
 
     # States normalised by the dataset's statistics, here and at evaluation. The soft returns need the
@@ -512,10 +517,11 @@ def main(args: Args) -> None:
     num_transitions, obs_dim = data["observations"].shape
     act_dim = data["actions"].shape[1]
     learner = make_learner(obs_dim, act_dim, float(datasets[0].action_space.high[0]), args, device)
-    soft_bc, critic_pretrain, update = speed_up([soft_bc_step, critic_pretrain_step, edac_step], learner, device,
-                                                args)  # with --compile
+    soft_bc_update, critic_pretrain_update, rl_update = speed_up([soft_bc_step, critic_pretrain_step, edac_step],
+                                                                 learner, device, args)  # with --compile
     actor_end, pretrain_end = pretrain_phases(args)
 
+    # Logs, evaluation, checkpoints; when resuming, Run restores the networks, optimisers and random states.
     run = Run(args, datasets, data, learner, sampler, (obs_mean, obs_std), checkpoint)
     if checkpoint is not None and checkpoint["next_entropies"] is not None:
         returns_to_go, next_entropies = checkpoint["returns_to_go"].to(device), checkpoint["next_entropies"].to(device)
@@ -524,7 +530,7 @@ def main(args: Args) -> None:
         batch = {k: v[idx] for k, v in data.items()}
         noise, next_noise = torch.randn(2, args.batch_size, act_dim, device=device, generator=sampler)
         if step < actor_end:  # 1. soft behaviour cloning of the actor and its temperature
-            metrics = soft_bc(learner, batch, noise, args)
+            metrics = soft_bc_update(learner, batch, noise, args)
         elif step < pretrain_end:  # 2. the critics, on soft returns of the frozen actor
             if next_entropies is None:
                 next_entropies = dataset_entropies(data, learner.actor, sampler, args.entropy_samples)
@@ -535,9 +541,9 @@ def main(args: Args) -> None:
             critic_steps = step - actor_end
             if args.lam > 0 and critic_steps > 0 and critic_steps % args.lambda_refresh_interval == 0:
                 returns_to_go = dataset_soft_lambda_returns(data, next_entropies, learner, sampler, args)
-            metrics = critic_pretrain(learner, batch, returns_to_go[idx], noise, args)
+            metrics = critic_pretrain_update(learner, batch, returns_to_go[idx], noise, args)
         else:  # 3. EDAC from the pre-trained networks
-            metrics = update(learner, batch, noise, next_noise, args)
+            metrics = rl_update(learner, batch, noise, next_noise, args)
         run.end_step(step, metrics, {"returns_to_go": returns_to_go, "next_entropies": next_entropies})
     run.finish()
 
@@ -585,7 +591,7 @@ def normalized_score(returns, reference):
 
 
 @torch.no_grad()
-def pretraining_fit(learner, data, returns_to_go, sample_size=10_000):
+def pretraining_fit(learner, data, returns_to_go, args, sample_size=10_000):
     """How well pre-training fit, on a fixed sample of the data (evenly spaced transitions): the critics'
     explained variance of their (soft) targets, 1 - Var(G - Q_j) / Var(G) averaged over the critics, their
     mean prediction beside the mean target, and the deterministic actor's behaviour-cloning error."""
@@ -649,8 +655,9 @@ def check_args(args: Args, defaulted=()) -> None:
         raise SystemExit("error: " + "; ".join(problems) + ".")
 
 
-def prepare_args(args: Args):
-    """The run's arguments (a resumed run's own, from its checkpoint), per-dataset defaults filled in."""
+def prepare_args(args: Args, given=None):
+    """The run's arguments (a resumed run's own, from its checkpoint), per-dataset defaults filled in. `given`
+    names the flags on the command line (those a resumed run may change)."""
     checkpoint = None
     if args.resume is not None:
         checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
@@ -658,9 +665,9 @@ def prepare_args(args: Args):
             raise SystemExit(f"error: no checkpoint.pt in '{args.resume}' to resume from: pass the directory of a "
                              "run that was interrupted or saved a periodic checkpoint (runs/<run-name>).")
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # any device may resume
-        args = resumed_args(args, checkpoint)
+        args = resumed_args(args, checkpoint, given)
     check_args(args)
-    env_name, quality = dataset_name_parts(resolve_dataset(args.env_id)[0])
+    env_name, quality = dataset_task(args.env_id)
     defaulted = {key for key, value in dataset_defaults(env_name, quality).items() if getattr(args, key) is None}
     for key, value in dataset_defaults(env_name, quality).items():
         if getattr(args, key) is None:
@@ -671,24 +678,34 @@ def prepare_args(args: Args):
     return args, checkpoint
 
 
-def resumed_args(given: Args, checkpoint: dict) -> Args:
-    """The saved run's arguments, with those given now that a resumed run may change (a flag counts as given
-    when it differs from its default); any other changed flag is refused."""
+def resumed_args(args: Args, checkpoint: dict, given=None) -> Args:
+    """The saved run's arguments, changed by the flags given now that a resumed run may change; any other flag
+    given with another value is refused. Without `given` (main called from Python), a flag counts as given when
+    it differs from its default."""
     saved, defaults = checkpoint["args"], asdict(Args())
-    changes = {k: v for k, v in asdict(given).items() if k != "resume" and v != defaults[k] and v != saved.get(k)}
+    given = given if given is not None else {k for k, v in asdict(args).items() if v != defaults[k]}
+    changes = {k: getattr(args, k) for k in given if k in saved and getattr(args, k) != saved[k] and k != "resume"}
+    changes.pop("precision", None) if args.precision == "auto" else None  # auto resolved to the saved one
     for key in changes:
         if key not in RESUMABLE_CHANGES:
-            raise SystemExit(f"error: {flag(key)} cannot change when resuming (the run has {saved.get(key)!r}, given "
-                             f"{changes[key]!r}); only {', '.join(map(flag, RESUMABLE_CHANGES[:6]))} and the device "
-                             "and tracking flags can. Start a new run for other settings.")
-    args = Args(**{**defaults, **saved, **changes, "resume": given.resume})
+            raise SystemExit(f"error: {flag(key)} cannot change when resuming (the run has {saved[key]!r}, given "
+                             f"{changes[key]!r}); only {', '.join(map(flag, RESUMABLE_CHANGES))} can. Start a new "
+                             "run for other settings.")
+    args = Args(**{**defaults, **saved, **changes, "resume": args.resume})
     if args.total_steps < checkpoint["step"]:
         raise SystemExit(f"error: the run is at step {checkpoint['step']}; --total-steps {args.total_steps} would "
                          "end it before that.")
     if args.total_steps == checkpoint["step"]:
-        raise SystemExit(f"error: the run in {given.resume} has finished its {args.total_steps} steps; pass a larger "
+        raise SystemExit(f"error: the run in {args.resume} has finished its {args.total_steps} steps; pass a larger "
                          "--total-steps to continue it.")
     return args
+
+
+def flags_given(argv) -> set:
+    """The Args fields named on a command line: --total-steps 5 and --total-steps=5 give total_steps,
+    --compile and --no-compile give compile."""
+    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return {name[3:] if name.startswith("no_") and name[3:] in asdict(Args()) else name for name in names}
 
 
 def setup_device(args: Args) -> torch.device:
@@ -753,7 +770,7 @@ def resolve_dataset(env_id: str) -> list:
         raise SystemExit(f"error: '{env_id}' is neither a D4RL name like hopper-medium-v2 nor a Minari dataset id "
                          "like mujoco/hopper/medium-v0. Pass one of those to --env-id.")
     env_name, quality = match["env"], match["quality"]
-    if env_name in ADROIT_ENVS and quality in ("human", "cloned", "expert"):
+    if env_name in ADROIT_DEMO_LENGTHS and quality in ("human", "cloned", "expert"):
         return [f"D4RL/{env_name}/{quality}-v2"]
     if env_name in MINARI_MUJOCO and quality in ("medium", "expert"):
         return [f"mujoco/{env_name}/{quality}-v0"]
@@ -774,6 +791,16 @@ def make_dataset_hint(env_name: str, kind: str) -> str:
     if kind == "medium" and (Path(__file__).resolve().parent.parent / policy).exists():
         command += f" (or, in a few minutes, with `--medium-policy {policy}`)"
     return f"{command}, then --env-id local/{env_name}/{kind}-v0"
+
+
+def dataset_task(env_id: str) -> tuple:
+    """--env-id -> (environment, quality), e.g. ('hopper', 'medium-expert'): what the per-dataset defaults
+    depend on (a D4RL name says it whole; medium-expert resolves to two Minari datasets, medium and expert)."""
+    match = D4RL_NAME.match(env_id)
+    if "/" not in env_id and match is not None:
+        resolve_dataset(env_id)  # refuses names Minari does not host
+        return match["env"], match["quality"]
+    return dataset_name_parts(resolve_dataset(env_id)[0])
 
 
 def dataset_name_parts(dataset_id: str) -> tuple:
@@ -825,7 +852,10 @@ def flatten_episodes(datasets) -> dict:
             columns["actions"].append(episode.actions)
             columns["rewards"].append(episode.rewards)
             columns["terminations"].append(episode.terminations)
-            columns["truncations"].append(episode.truncations)
+            # An episode that just stops (neither flag at its end) ends there all the same: as a truncation.
+            stops = np.zeros(len(episode.rewards), dtype=bool)
+            stops[-1] = not episode.terminations[-1]
+            columns["truncations"].append(np.asarray(episode.truncations, dtype=bool) | stops)
     if not columns["rewards"] or sum(len(r) for r in columns["rewards"]) == 0:
         raise SystemExit("error: the dataset holds no transitions.")
     data = {k: np.concatenate(v) for k, v in columns.items()}
@@ -846,6 +876,10 @@ def check_data(data: dict, action_space) -> None:
             raise SystemExit(f"error: the dataset's {key} contain NaN or infinite values at {bad.sum()} transitions "
                              f"(first at index {np.argmax(bad)}). Clean or drop those episodes.")
     low, high = action_space.low, action_space.high
+    if not (np.allclose(low, -high) and np.allclose(high, high.flat[0])):
+        raise SystemExit(f"error: the action space [{low}, {high}] is not the same symmetric interval in every "
+                         "coordinate, which the tanh actor (max_action * tanh) assumes; rescale the actions to "
+                         "[-1, 1] in your dataset.")
     outside = ((data["actions"] < low - 1e-4) | (data["actions"] > high + 1e-4)).any(axis=1)
     if outside.any():
         raise SystemExit(f"error: {outside.sum()} dataset actions lie outside the action space [{low.min()}, "
@@ -856,6 +890,12 @@ def progress_over(chunks, description):
     """A bar for the passes over the whole dataset, which take minutes on a CPU for a million transitions."""
     return tqdm(chunks, desc=description, unit="chunk", leave=False, disable=len(chunks) < 4,
                 mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
+def evaluation_seed(seed: int, step: int) -> int:
+    """Episode i of the evaluation at `step` starts from env.reset(seed=evaluation_seed(seed, step) + i): the
+    same episodes for every run of one seed, and no seed's episodes repeat another seed's."""
+    return seed * 10**8 + step
 
 
 def make_eval_envs(dataset, num_envs):
@@ -936,7 +976,7 @@ class Run:
         self.obs_stats_t = [torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in obs_stats]
         self.envs = make_eval_envs(datasets[0], args.eval_episodes) if args.eval_episodes > 0 else []
         env_name = dataset_name_parts(datasets[0].spec.dataset_id)[0]
-        self.ignore_terminated_until = ADROIT_ENVS.get(env_name, 0) if args.eval_protocol == "adroit" else 0
+        self.ignore_terminated_until = ADROIT_DEMO_LENGTHS.get(env_name, 0) if args.eval_protocol == "adroit" else 0
         self.reference = score_reference(datasets[0])
         run_name = args.run_name or "__".join([args.env_id.replace("/", "_"), Path(__file__).stem, str(args.seed),
                                                str(int(time.time()))])
@@ -947,7 +987,11 @@ class Run:
         self.start_step, self.wandb_id = 0, None
         if checkpoint is not None:
             restore(learner, checkpoint)
-            set_rng_states(checkpoint["rng"], sampler)
+            if not set_rng_states(checkpoint["rng"], sampler):
+                stream = np.random.SeedSequence([args.seed, 2, checkpoint["step"]])
+                sampler.manual_seed(int(stream.generate_state(1)[0]))
+                print("note: resuming on another kind of device: batch sampling continues from a new random stream, "
+                      "so the run is no longer bitwise the one it would have been")
             self.start_step, self.wandb_id = checkpoint["step"], checkpoint.get("wandb_id")
             print(f"resuming {self.dir} at step {self.start_step} ({checkpoint['phase']})")
         os.makedirs(self.dir, exist_ok=True)
@@ -1032,7 +1076,8 @@ class Run:
 
     def log_pretraining_fit(self, done_steps, returns_to_go):
         """How well pre-training fits (pretrain/*): along pre-training at every evaluation, and at the hand-over."""
-        fit = {name: value.item() for name, value in pretraining_fit(self.learner, self.data, returns_to_go).items()}
+        fit = pretraining_fit(self.learner, self.data, returns_to_go, self.args)
+        fit = {name: value.item() for name, value in fit.items()}
         for name, value in fit.items():
             self.writer.add_scalar(name, value, done_steps)
         critics = (f"the critics explain {fit['pretrain/critic_explained_variance']:.1%} of their targets' variance "
@@ -1044,8 +1089,9 @@ class Run:
 
     def evaluate(self, done_steps):
         eval_start = time.time()
-        returns = evaluate(self.learner.actor, self.envs, *self.obs_stats_t, self.args.seed * 100_000 + done_steps,
-                           self.ignore_terminated_until, self.device)
+        seed = evaluation_seed(self.args.seed, done_steps)
+        returns = evaluate(self.learner.actor, self.envs, *self.obs_stats_t, seed, self.ignore_terminated_until,
+                           self.device)
         self.writer.add_scalar("eval/return", float(np.mean(returns)), done_steps)
         if self.reference:
             self.final = ("normalised score", normalized_score(returns, self.reference))
@@ -1191,13 +1237,18 @@ def rng_states(sampler):
             "sampler": sampler.get_state()}
 
 
-def set_rng_states(states, sampler):
+def set_rng_states(states, sampler) -> bool:
+    """Restore every random state; False if the sampler's could not be (it was saved on another device type)."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states["cuda"]
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    if states["sampler"].numel() != sampler.get_state().numel():
+        return False  # saved on another kind of device, whose generator state cannot be loaded here
     sampler.set_state(states["sampler"])
+    return True
 
 
 def leave_before_training(signum, frame):
@@ -1208,4 +1259,4 @@ def leave_before_training(signum, frame):
 if __name__ == "__main__":
     for signum in (signal.SIGINT, signal.SIGTERM):  # until the training loop takes them over
         signal.signal(signum, leave_before_training)
-    main(tyro.cli(Args))
+    main(tyro.cli(Args), flags_given(sys.argv[1:]))

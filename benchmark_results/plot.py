@@ -59,7 +59,7 @@ FIGURES = {
     "layernorm": ("where LayerNorm is (pre-trained actor and critics)", "both", (SCORE,)),
     "data_limited_td3bc": ("TD3+BC vs TD3+BC+CQL on 24 episodes", "td3bc", (SCORE,)),
 }
-COLUMNS = ["condition", "dataset", "seed", "step", "tag", "value", "script_version", "finished"]
+COLUMNS = ["condition", "dataset", "seed", "step", "tag", "value", "script", "script_version", "finished"]
 
 
 @dataclass
@@ -97,7 +97,7 @@ def export(experiment, runs):
         version, finished = run_versions(events), int((run_dir / "model.pt").exists())
         for tag in tags:
             if tag in events.Tags()["scalars"]:
-                rows += [(condition, dataset, seed[1:], e.step, tag, e.value, version, finished)
+                rows += [(condition, dataset, seed[1:], e.step, tag, e.value, run.script, version, finished)
                          for e in events.Scalars(tag)]
     if not rows:
         return
@@ -129,7 +129,7 @@ def load(experiment):
         for row in csv.DictReader(f):
             entry = table[(row["dataset"], row["tag"])][row["condition"]]
             entry[0][row["seed"]][int(row["step"])] = float(row["value"])
-            entry[1].add(row["script_version"])
+            entry[1].add((row.get("script", "?"), row["script_version"]))
             if row["finished"] == "1":
                 entry[2].add(row["seed"])
     return table
@@ -200,10 +200,13 @@ def analyse(experiment, args):
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False)
     for ax, (dataset, tag) in zip(axes[0], panels):
         conditions = table[(dataset, tag)]
-        versions = set().union(*(c[1] for c in conditions.values()))
-        if len(versions) > 1 and not args.allow_mixed_versions:
-            raise SystemExit(f"error: {experiment} on {dataset} mixes runs of script versions {sorted(versions)}; "
-                             "re-run them on one version, or pass --allow-mixed-versions if the versions are known to "
+        versions = defaultdict(set)  # script -> its versions among these runs
+        for script, version in set().union(*(c[1] for c in conditions.values())):
+            versions[script].add(version)
+        mixed = {script: sorted(v) for script, v in versions.items() if len(v) > 1}
+        if mixed and not args.allow_mixed_versions:
+            raise SystemExit(f"error: {experiment} on {dataset} mixes runs of different versions of {mixed}; re-run "
+                             "them on one version, or pass --allow-mixed-versions if the versions are known to "
                              "train identically.")
         curves = {c: curve_with_interval(v[0], args.reps, rng) for c, v in conditions.items()}
         best_final = max(curve[2][-1] for curve in curves.values())
@@ -232,7 +235,7 @@ def analyse(experiment, args):
                              steps_to_90pct_of_best=to_90 if to_90 is not None else "",
                              steps_to_90pct_of_best_low=to_90_interval[0] if to_90_interval[0] is not None else "",
                              steps_to_90pct_of_best_high=to_90_interval[1] if to_90_interval[1] is not None else "",
-                             script_versions="+".join(sorted(conditions[condition][1]))))
+                             script_versions="+".join(sorted(v for _, v in conditions[condition][1]))))
             p = (f"{improvement[0]:.2f} [{improvement[1]:.2f}, {improvement[2]:.2f}]" if improvement else "-")
             lines.append(f"| {dataset} | {condition} | {len(conditions[condition][2])}/{len(scores)} | {steps[-1]:,} | "
                          f"{final:.1f} [{final_low:.1f}, {final_high:.1f}] | {scores[:, -1].mean():.1f} ± "

@@ -119,7 +119,12 @@ class Job:
             env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONWARNINGS": "ignore"}
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                             cwd=Path(self.runs_dir).resolve().parent)  # the scripts write to runs/
-            code = self.process.wait()
+            try:
+                code = self.process.wait()
+            except KeyboardInterrupt:  # the job is being cancelled: the run saves its checkpoint first
+                self.process.send_signal(signal.SIGTERM)
+                self.process.wait()
+                raise
         if code != 0:
             raise RuntimeError(f"{run.name} exited with {code}; see {log}")
         return "finished"
@@ -168,22 +173,38 @@ def slurm_batch_script(args: Args, folder: Path, num_runs: int) -> str:
 
 
 def run_locally(executor, job, runs, limit):
-    """Submit at most `limit` runs at a time (the local executor would start them all at once)."""
+    """Submit at most `limit` runs at a time (the local executor would start them all at once). Ctrl-C or
+    SIGTERM stops the running ones the same way (each saves its checkpoint) and starts no more."""
     pending, running, failures = list(runs), [], []
-    while pending or running:
-        while pending and len(running) < limit:
-            run = pending.pop(0)
-            running.append((run, executor.submit(job, run)))
-            print(f"started {run.name}", flush=True)
-        time.sleep(0.5)
-        for run, handle in [r for r in running if r[1].done()]:
-            running.remove((run, handle))
-            try:
-                print(f"{run.name}: {handle.result()}", flush=True)
-            except Exception as e:  # a failed run does not stop the others
-                failures.append((run.name, last_line(e)))
-                print(f"{run.name}: FAILED", flush=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        while pending or running:
+            pending, running = step_locally(executor, job, pending, running, limit, failures)
+    except KeyboardInterrupt:
+        for run, handle in running:
+            handle.cancel(check=False)  # the job passes SIGTERM on to its training script, which saves and exits
+        deadline = time.time() + 300
+        while any(not handle.done() for _, handle in running) and time.time() < deadline:
+            time.sleep(0.5)
+        raise SystemExit(f"\ninterrupted: {len(running)} running runs saved their progress and "
+                         f"{len(pending)} did not start; run the same command again to go on.")
     return failures
+
+
+def step_locally(executor, job, pending, running, limit, failures):
+    while pending and len(running) < limit:
+        run = pending.pop(0)
+        running.append((run, executor.submit(job, run)))
+        print(f"started {run.name}", flush=True)
+    time.sleep(0.5)
+    for run, handle in [r for r in running if r[1].done()]:
+        running.remove((run, handle))
+        try:
+            print(f"{run.name}: {handle.result()}", flush=True)
+        except Exception as e:  # a failed run does not stop the others
+            failures.append((run.name, last_line(e)))
+            print(f"{run.name}: FAILED", flush=True)
+    return pending, running
 
 
 def last_line(error: Exception) -> str:

@@ -176,7 +176,7 @@ def test_evaluator_reproduces_the_final_evaluation(script, precision, tiny_datas
     import minari
 
     envs = [minari.load_dataset(tiny_dataset).recover_environment(eval_env=True) for _ in range(3)]
-    returns = evaluator.evaluate(policy, envs, seed=model["args"]["seed"] * 100_000 + 300)
+    returns = evaluator.evaluate(policy, envs, seed=model["args"]["seed"] * 10**8 + 300)
     assert float(np.mean(returns)) == pytest.approx(scalars(run_dir)["eval/return"][-1][1], rel=1e-6)
 
 
@@ -206,3 +206,28 @@ def test_tracking_with_weights_and_biases_offline(tiny_dataset, tmp_path):
         os.environ.pop("WANDB_MODE") if env_before is None else os.environ.update(WANDB_MODE=env_before)
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "runs" / "tracked" / "wandb").glob("offline-run-*"))
+
+
+def test_a_resumable_flag_can_go_back_to_its_default(tiny_dataset, tmp_path):
+    run_args = flags("td3bc_pretrain.py", tiny_dataset, total=300, pretrain=200)  # --eval-interval 600
+    assert run_script("td3bc_pretrain.py", *run_args, "--run-name", "back", cwd=tmp_path).returncode == 0
+    result = run_script("td3bc_pretrain.py", "--resume", "runs/back", "--total-steps", 400, "--eval-interval", 5000,
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(tmp_path / "runs" / "back" / "model.pt", weights_only=True)["args"]["eval_interval"] == 5000
+
+
+@pytest.mark.parametrize("script, env_id, expected", [
+    ("td3bc_pretrain.py", "hopper-medium-v2", dict(alpha=10.0, pretrain_steps=10_000)),
+    ("td3bc_pretrain.py", "hopper-medium-expert-v2", dict(alpha=2.5)),
+    ("td3bc_pretrain.py", "halfcheetah-medium-expert-v2", dict(alpha=2.5, total_steps=100_000)),
+    ("edac_pretrain.py", "walker2d-medium-expert-v2", dict(num_critics=10, eta=5.0)),
+    ("edac_pretrain.py", "halfcheetah-medium-v2", dict(num_critics=10, eta=1.0)),
+])
+def test_per_dataset_defaults_follow_the_d4rl_name(script, env_id, expected):
+    """medium-expert resolves to Minari's medium and expert datasets, but takes medium-expert's settings."""
+    module = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location(
+        script[:-3], REPO / "algos" / script))
+    spec.loader.exec_module(module)
+    args, _ = module.prepare_args(module.Args(env_id=env_id))
+    assert {key: getattr(args, key) for key in expected} == expected

@@ -194,3 +194,31 @@ def test_critic_init_starts_the_critics_at_the_scale_of_their_targets(script, ex
     assert target > 100 and abs(q - target) < 0.1 * target, fit  # a few hundred critic steps in: at the scale
     q, target = fit["paper"]
     assert q < 0.5 * target, fit  # without it, still far below
+
+
+# ---------------------------------------------------------------------------------------- data checks
+def test_an_episode_that_just_stops_ends_there(tiny_dataset):
+    """Episodes whose last step carries neither flag (the data stops) must not run into the next one."""
+    from minari.data_collector import EpisodeBuffer
+
+    module = load_script("td3bc_pretrain.py")
+    source = list(minari.load_dataset(tiny_dataset).iterate_episodes())[:3]
+    episodes = [EpisodeBuffer(id=i, observations=e.observations, actions=e.actions, rewards=e.rewards,
+                              terminations=np.zeros_like(e.terminations), truncations=np.zeros_like(e.truncations))
+                for i, e in enumerate(source)]
+    if "test/hopper/unflagged-v0" not in minari.list_local_datasets():
+        minari.create_dataset_from_buffers("test/hopper/unflagged-v0", episodes,
+                                           env=gym.make("Hopper-v5", max_episode_steps=TIME_LIMIT))
+    data = module.flatten_episodes([minari.load_dataset("test/hopper/unflagged-v0")])
+    ends = np.cumsum([len(e.rewards) for e in source]) - 1
+    assert np.flatnonzero(data["truncations"]).tolist() == ends.tolist()
+    assert not data["terminations"].any()
+
+
+def test_actions_must_share_one_symmetric_bound():
+    module = load_script("td3bc_pretrain.py")
+    data = {"observations": np.zeros((2, 3)), "actions": np.zeros((2, 2)), "rewards": np.zeros(2),
+            "next_observations": np.zeros((2, 3)), "terminations": np.zeros(2, bool), "truncations": np.ones(2, bool)}
+    module.check_data(data, gym.spaces.Box(-2.0, 2.0, (2,)))  # fine
+    with pytest.raises(SystemExit, match="not the same symmetric interval"):
+        module.check_data(data, gym.spaces.Box(np.array([-1.0, 0.0]), np.array([1.0, 2.0])))
