@@ -36,10 +36,12 @@ from common.sweep import expand  # noqa: E402
 
 SCORE = "eval/normalized_score"
 FIT = ("pretrain/critic_explained_variance", "pretrain/q_mean", "pretrain/target_mean")
+FIT_STEPS = (1000, 2000, 5000, 10000, 20000)  # where critic_fit's table looks; other experiments: the hand-over
 # experiment -> (title, baseline condition, tags to export). Experiments not listed here use the first
 # condition declared as the baseline.
 FIGURES = {
     "hopper_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "hopper_td3bc_50k": ("TD3+BC: pre-trained vs from scratch, 50k steps", "scratch", (SCORE,)),
     "hopper_td3bc_alpha2.5": ("TD3+BC with alpha 2.5: pre-trained vs from scratch", "scratch", (SCORE,)),
     "walker2d_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "halfcheetah_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
@@ -87,6 +89,7 @@ def export(experiment, runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rows, tags = [], FIGURES.get(experiment, ("", "", (SCORE,)))[2]
+    tags = (*tags, *(tag for tag in FIT if tag not in tags))  # every experiment's fit at the hand-over
     for run in runs:
         run_dir = ROOT / "runs" / run.name
         if not run_dir.exists():
@@ -122,10 +125,10 @@ def export_datasets():
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def load(experiment):
-    """{(dataset, tag): {condition: (steps, {seed: [value per step]}, versions, finished seeds)}}."""
+def load(path):
+    """A CSV of export() as {(dataset, tag): {condition: ({seed: {step: value}}, versions, finished seeds)}}."""
     table = defaultdict(lambda: defaultdict(lambda: [defaultdict(dict), set(), set()]))
-    with open(HERE / "data" / f"{experiment}.csv") as f:
+    with open(path) as f:
         for row in csv.DictReader(f):
             entry = table[(row["dataset"], row["tag"])][row["condition"]]
             entry[0][row["seed"]][int(row["step"])] = float(row["value"])
@@ -194,9 +197,9 @@ def fmt_steps(value):
 
 def analyse(experiment, args):
     title, baseline, tags = FIGURES.get(experiment, (experiment, None, (SCORE,)))
-    table, rng = load(experiment), np.random.default_rng(0)
+    table, rng = load(HERE / "data" / f"{experiment}.csv"), np.random.default_rng(0)
     rows, lines = [], []
-    panels = sorted(table)
+    panels = sorted(key for key in table if key[1] in tags)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False)
     for ax, (dataset, tag) in zip(axes[0], panels):
         conditions = table[(dataset, tag)]
@@ -254,7 +257,38 @@ def analyse(experiment, args):
         header += ("| dataset | condition | seeds finished / plotted | steps | final IQM [95 % CI] | final mean ± std "
                    f"| P(better than {baseline}) [95 % CI] | steps to 90 % of the best final IQM [95 % CI] |\n"
                    "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
-    return rows, header
+    return rows, header + fit_table(table, FIT_STEPS if FIT[0] in tags else None)
+
+
+def fit_table(table, at_steps):
+    """The critics' fit to their pre-training targets, averaged over seeds: explained variance and mean Q /
+    mean target, at at_steps or (when None) at the hand-over, the last step at which the fit was logged."""
+    rows = []
+    for dataset, condition in sorted({(d, c) for (d, tag) in table if tag == FIT[0] for c in table[(d, tag)]}):
+        by_tag = {tag: table[(dataset, tag)][condition][0] for tag in FIT}
+        seeds = sorted(by_tag[FIT[0]])
+        logged = sorted(set.intersection(*(set(by_tag[FIT[0]][s]) for s in seeds)))
+        steps = [s for s in at_steps if s in logged] if at_steps else logged[-1:]
+        cells = []
+        for step in steps:
+            explained = np.mean([by_tag[FIT[0]][s][step] for s in seeds])
+            q, target = (np.mean([by_tag[tag][s][step] for s in seeds]) for tag in FIT[1:])
+            cells.append(f"{explained:.2f} / {q / target:.2f}" + ("" if at_steps else f" ({q:.0f} / {target:.0f})"))
+        rows.append((dataset, condition, len(seeds), steps, cells))
+    if not rows:
+        return ""
+    if at_steps:
+        columns = sorted({step for row in rows for step in row[3]})
+        head = " | ".join(f"{fmt_steps(step)} steps" for step in columns)
+        lines = [f"| {d} | {c} | {n} | " + " | ".join(dict(zip(steps, cells)).get(step, "-") for step in columns)
+                 + " |" for d, c, n, steps, cells in rows]
+        return ("\nCritic fit along pre-training, mean over seeds: explained variance of the targets / mean Q ÷ mean "
+                f"target.\n\n| dataset | condition | seeds | {head} |\n|---|---|---|" + "---|" * len(columns) + "\n"
+                + "\n".join(lines) + "\n")
+    lines = [f"| {d} | {c} | {n} | {fmt_steps(steps[0])} | {cells[0]} |" for d, c, n, steps, cells in rows]
+    return ("\nThe critics at the hand-over, mean over seeds: explained variance of the targets / mean Q ÷ mean "
+            "target (mean Q / mean target).\n\n| dataset | condition | seeds | hand-over step | fit |\n"
+            "|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def datasets_table():

@@ -1,0 +1,49 @@
+"""benchmark_results/plot.py: the critic-fit tables report the numbers the runs logged, averaged by hand here."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("plot", ROOT / "benchmark_results" / "plot.py")
+plot = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plot)
+
+EV, Q, TARGET = plot.FIT
+
+
+def write_csv(path, values):
+    """values: {(condition, seed, step, tag): value} as export() writes them."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(plot.COLUMNS)
+        for (condition, seed, step, tag), value in values.items():
+            writer.writerow([condition, "local-hopper-medium-v0", seed, step, tag, value, "td3bc_pretrain.py", "v1", 1])
+
+
+def test_fit_table_along_pretraining_averages_seeds_at_each_step(tmp_path):
+    values = {}
+    for seed, (ev_1k, q_1k, ev_2k, q_2k) in enumerate([(0.2, 40.0, 0.5, 80.0), (0.4, 60.0, 0.7, 120.0)]):
+        values |= {("paper", seed, 1000, EV): ev_1k, ("paper", seed, 1000, Q): q_1k,
+                   ("paper", seed, 1000, TARGET): 200.0, ("paper", seed, 2000, EV): ev_2k,
+                   ("paper", seed, 2000, Q): q_2k, ("paper", seed, 2000, TARGET): 200.0}
+    values[("paper", 1, 3000, EV)] = 0.9  # a step that is not one of FIT_STEPS never shows
+    write_csv(tmp_path / "fit.csv", values)
+    table = plot.fit_table(plot.load(tmp_path / "fit.csv"), plot.FIT_STEPS)
+    row = next(line for line in table.splitlines() if "| paper |" in line)
+    # by hand: 1k: EV (0.2 + 0.4) / 2 = 0.30, Q 50 / 200 = 0.25; 2k: EV 0.60, Q 100 / 200 = 0.50
+    assert row == "| local-hopper-medium-v0 | paper | 2 | 0.30 / 0.25 | 0.60 / 0.50 |"
+    assert "| 1k steps | 2k steps |" in table and "3k" not in table
+
+
+def test_fit_table_at_the_hand_over_takes_the_last_step_every_seed_logged(tmp_path):
+    values = {}
+    for seed, q in enumerate([90.0, 110.0]):
+        for step in (1000, 2000):
+            values |= {("mean_target", seed, step, EV): 0.1 * step / 1000, ("mean_target", seed, step, Q): q,
+                       ("mean_target", seed, step, TARGET): 250.0}
+    values[("mean_target", 0, 3000, EV)] = 0.9  # only one seed got this far: not the hand-over of both
+    write_csv(tmp_path / "handover.csv", values)
+    table = plot.fit_table(plot.load(tmp_path / "handover.csv"), None)
+    row = next(line for line in table.splitlines() if "| mean_target |" in line)
+    assert row == "| local-hopper-medium-v0 | mean_target | 2 | 2k | 0.20 / 0.40 (100 / 250) |"
