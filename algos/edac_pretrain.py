@@ -594,11 +594,16 @@ def normalized_score(returns, reference):
 def pretraining_fit(learner, data, returns_to_go, args, sample_size=10_000):
     """How well pre-training fit, on a fixed sample of the data (evenly spaced transitions): the critics'
     explained variance of their (soft) targets, 1 - Var(G - Q_j) / Var(G) averaged over the critics, their
-    mean prediction beside the mean target, and the deterministic actor's behaviour-cloning error."""
+    mean prediction beside the mean target, the deterministic actor's behaviour-cloning error, and the
+    temperature and policy entropy that the soft returns carry into EDAC."""
     n = len(data["rewards"])
     idx = torch.linspace(0, n - 1, min(sample_size, n), device=data["rewards"].device).long()
     obs, actions = data["observations"][idx], data["actions"][idx]
-    fit = {"pretrain/bc_mse": F.mse_loss(learner.actor.deterministic(obs), actions)}
+    # Noise from a generator of its own, so that measuring leaves training's random stream untouched.
+    generator = torch.Generator(obs.device).manual_seed(0)
+    noise = torch.randn(len(idx), actions.shape[1], generator=generator, device=obs.device)
+    fit = {"pretrain/bc_mse": F.mse_loss(learner.actor.deterministic(obs), actions),
+           "pretrain/alpha": learner.log_alpha.exp(), "pretrain/entropy": -learner.actor(obs, noise)[1].mean()}
     if returns_to_go is not None:  # the critics were pre-trained
         target, q = returns_to_go[idx], learner.critic(obs, actions)
         explained = 1 - (target - q).var(dim=1) / target.var().clamp_min(1e-8)
@@ -1085,7 +1090,8 @@ class Run:
                    if "pretrain/q_mean" in fit else "")
         if done_steps == handover_step(self.args):
             self.progress.write(f"pre-training done at step {done_steps}: {critics}"
-                                f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}")
+                                f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}; temperature "
+                                f"{fit['pretrain/alpha']:.3f}, policy entropy {fit['pretrain/entropy']:.2f}")
 
     def evaluate(self, done_steps):
         eval_start = time.time()

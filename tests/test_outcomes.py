@@ -101,6 +101,10 @@ def test_diagnostics_are_logged_and_finite(script, extra, tags, tiny_dataset, tm
         assert [s for s, _ in logged[tag]] == [200], tag
         assert np.isfinite(logged[tag][0][1])
     assert "pre-training done at step 200: the critics explain" in result.stdout + result.stderr
+    if script.startswith("edac"):  # the temperature and entropy that the soft returns carried into EDAC
+        assert logged["pretrain/alpha"][0][0] == 200 and logged["pretrain/alpha"][0][1] > 0
+        assert [s for s, _ in logged["pretrain/entropy"]] == [200] and np.isfinite(logged["pretrain/entropy"][0][1])
+        assert f"temperature {logged['pretrain/alpha'][0][1]:.3f}" in result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------- soft BC at the bound
