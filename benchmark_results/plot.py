@@ -54,8 +54,8 @@ FIGURES = {
                           "pretrain10k_paper", (SCORE,)),
     "edac_critic_init_short": ("EDAC after 4k + 4k steps of pre-training, with and without --critic-init", "paper",
                                (SCORE, "charts/entropy", "values/q_data")),
-    "edac_critic_init": ("EDAC, short and authors' pre-training, with and without --critic-init", "authors_paper",
-                         (SCORE,)),
+    "edac_critic_init": ("EDAC after the authors' 10k + 10k steps of pre-training, with and without --critic-init",
+                         "paper", (SCORE, "charts/entropy", "values/q_data")),
     "precision": ("fp32 vs bf16", "td3bc_fp32", (SCORE,)),
     "what_to_pretrain": ("what is pre-trained", "scratch", (SCORE,)),
     "layernorm": ("where LayerNorm is (pre-trained actor and critics)", "both", (SCORE,)),
@@ -229,6 +229,7 @@ def analyse(experiment, args):
                              finished_seeds=len(conditions[condition][2]), total_steps=int(steps[-1]),
                              final_score_mean=round(float(scores[:, -1].mean()), 2),
                              final_score_std=round(float(scores[:, -1].std()), 2),
+                             best_iqm=round(float(center.max()), 2), best_iqm_step=int(steps[np.argmax(center)]),
                              steps_to_90pct_of_scratch=steps_to(steps, center, 0.9 * base[2][-1]) if base else "",
                              final_iqm=round(final, 2), final_iqm_low=round(final_low, 2),
                              final_iqm_high=round(final_high, 2),
@@ -240,7 +241,9 @@ def analyse(experiment, args):
                              steps_to_90pct_of_best_high=to_90_interval[1] if to_90_interval[1] is not None else "",
                              script_versions="+".join(sorted(v for _, v in conditions[condition][1]))))
             p = (f"{improvement[0]:.2f} [{improvement[1]:.2f}, {improvement[2]:.2f}]" if improvement else "-")
+            peak = int(np.argmax(center))
             lines.append(f"| {dataset} | {condition} | {len(conditions[condition][2])}/{len(scores)} | {steps[-1]:,} | "
+                         f"{center[peak]:.1f} at {fmt_steps(steps[peak])} | "
                          f"{final:.1f} [{final_low:.1f}, {final_high:.1f}] | {scores[:, -1].mean():.1f} ± "
                          f"{scores[:, -1].std():.1f} | {p} | {fmt_steps(to_90)} "
                          f"[{fmt_steps(to_90_interval[0])}, {fmt_steps(to_90_interval[1])}] |")
@@ -254,9 +257,9 @@ def analyse(experiment, args):
     plt.close(fig)
     header = (f"### {experiment}: {title}\n\n![{experiment}]({experiment}.png)\n\n")
     if lines:
-        header += ("| dataset | condition | seeds finished / plotted | steps | final IQM [95 % CI] | final mean ± std "
-                   f"| P(better than {baseline}) [95 % CI] | steps to 90 % of the best final IQM [95 % CI] |\n"
-                   "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+        header += ("| dataset | condition | seeds finished / plotted | steps | best IQM | final IQM [95 % CI] "
+                   f"| final mean ± std | P(better than {baseline}) [95 % CI] | steps to 90 % of the best final IQM "
+                   "[95 % CI] |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
     return rows, header + fit_table(table, FIT_STEPS if FIT[0] in tags else None)
 
 
@@ -268,22 +271,26 @@ def fit_table(table, at_steps):
         by_tag = {tag: table[(dataset, tag)][condition][0] for tag in FIT}
         seeds = sorted(by_tag[FIT[0]])
         logged = sorted(set.intersection(*(set(by_tag[FIT[0]][s]) for s in seeds)))
-        steps = [s for s in at_steps if s in logged] if at_steps else logged[-1:]
+        # Count critic pre-training steps: EDAC's critics train in the second half of pre-training, after soft BC.
+        edac = any(script.startswith("edac") for script, _ in table[(dataset, FIT[0])][condition][1])
+        critics_from = logged[-1] // 2 if edac else 0
+        steps = [s + critics_from for s in at_steps if s + critics_from in logged] if at_steps else logged[-1:]
         cells = []
         for step in steps:
             explained = np.mean([by_tag[FIT[0]][s][step] for s in seeds])
             q, target = (np.mean([by_tag[tag][s][step] for s in seeds]) for tag in FIT[1:])
             cells.append(f"{explained:.2f} / {q / target:.2f}" + ("" if at_steps else f" ({q:.0f} / {target:.0f})"))
-        rows.append((dataset, condition, len(seeds), steps, cells))
+        rows.append((dataset, condition, len(seeds), [step - critics_from for step in steps], cells))
     if not rows:
         return ""
     if at_steps:
         columns = sorted({step for row in rows for step in row[3]})
-        head = " | ".join(f"{fmt_steps(step)} steps" for step in columns)
+        head = " | ".join(f"{fmt_steps(step)}" for step in columns)
         lines = [f"| {d} | {c} | {n} | " + " | ".join(dict(zip(steps, cells)).get(step, "-") for step in columns)
                  + " |" for d, c, n, steps, cells in rows]
-        return ("\nCritic fit along pre-training, mean over seeds: explained variance of the targets / mean Q ÷ mean "
-                f"target.\n\n| dataset | condition | seeds | {head} |\n|---|---|---|" + "---|" * len(columns) + "\n"
+        return ("\nCritic fit after this many critic pre-training steps (EDAC's come after as many steps of soft BC), "
+                "mean over seeds: explained variance of the targets / mean Q ÷ mean target.\n\n"
+                f"| dataset | condition | seeds | {head} |\n|---|---|---|" + "---|" * len(columns) + "\n"
                 + "\n".join(lines) + "\n")
     lines = [f"| {d} | {c} | {n} | {fmt_steps(steps[0])} | {cells[0]} |" for d, c, n, steps, cells in rows]
     return ("\nThe critics at the hand-over, mean over seeds: explained variance of the targets / mean Q ÷ mean "

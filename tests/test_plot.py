@@ -18,7 +18,8 @@ def write_csv(path, values):
         writer = csv.writer(f)
         writer.writerow(plot.COLUMNS)
         for (condition, seed, step, tag), value in values.items():
-            writer.writerow([condition, "local-hopper-medium-v0", seed, step, tag, value, "td3bc_pretrain.py", "v1", 1])
+            script = "edac_pretrain.py" if condition.startswith("edac") else "td3bc_pretrain.py"
+            writer.writerow([condition, "local-hopper-medium-v0", seed, step, tag, value, script, "v1", 1])
 
 
 def test_fit_table_along_pretraining_averages_seeds_at_each_step(tmp_path):
@@ -33,7 +34,7 @@ def test_fit_table_along_pretraining_averages_seeds_at_each_step(tmp_path):
     row = next(line for line in table.splitlines() if "| paper |" in line)
     # by hand: 1k: EV (0.2 + 0.4) / 2 = 0.30, Q 50 / 200 = 0.25; 2k: EV 0.60, Q 100 / 200 = 0.50
     assert row == "| local-hopper-medium-v0 | paper | 2 | 0.30 / 0.25 | 0.60 / 0.50 |"
-    assert "| 1k steps | 2k steps |" in table and "3k" not in table
+    assert "| 1k | 2k |" in table and "3k" not in table
 
 
 def test_fit_table_at_the_hand_over_takes_the_last_step_every_seed_logged(tmp_path):
@@ -47,3 +48,15 @@ def test_fit_table_at_the_hand_over_takes_the_last_step_every_seed_logged(tmp_pa
     table = plot.fit_table(plot.load(tmp_path / "handover.csv"), None)
     row = next(line for line in table.splitlines() if "| mean_target |" in line)
     assert row == "| local-hopper-medium-v0 | mean_target | 2 | 2k | 0.20 / 0.40 (100 / 250) |"
+
+
+def test_fit_table_counts_edac_steps_from_the_start_of_critic_pre_training(tmp_path):
+    # EDAC pre-trains the actor for the first half (steps 0-2k here), then the critics (2k-4k)
+    values = {}
+    for step, ev in ((3000, 0.1), (4000, 0.3)):
+        values |= {("edac_paper", 0, step, EV): ev, ("edac_paper", 0, step, Q): 50.0,
+                   ("edac_paper", 0, step, TARGET): 100.0}
+    write_csv(tmp_path / "edac.csv", values)
+    table = plot.fit_table(plot.load(tmp_path / "edac.csv"), plot.FIT_STEPS)
+    assert "| 1k | 2k |" in table  # critic steps 1k and 2k are global steps 3k and 4k
+    assert "| local-hopper-medium-v0 | edac_paper | 1 | 0.10 / 0.50 | 0.30 / 0.50 |" in table
