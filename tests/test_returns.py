@@ -158,6 +158,22 @@ def test_lambda_endpoints():
     np.testing.assert_allclose(lambda_returns(r, v, te, tr, 0.99, 1.0), one_step)
 
 
+@pytest.mark.parametrize("c", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("lam", [0.1, 0.5])
+def test_lambda_returns_inherit_the_level_of_the_values(c, lam):
+    """Far from an episode's end, with constant rewards and V = c * G (the Monte-Carlo return), the
+    lambda-return is G_l = r + gamma * [lam * c * G + (1 - lam) * G_l]; with G = r / (1 - gamma) that is
+    G_l / G = 1 - gamma * lam * (1 - c) / (1 - gamma * (1 - lam)): about c for any lam >= 0.1 at gamma 0.99,
+    which is why lambda-returns need critics at the scale of the returns (the scripts' --lambda-refresh-interval)."""
+    gamma, n = 0.99, 5000
+    r, te, tr = np.full(n, 2.0), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    tr[-1] = True
+    mc = mc_returns(r, te, tr, gamma)
+    assert mc[0] == pytest.approx(2.0 / (1 - gamma))  # the truncated tail repeats the last reward
+    ratio = lambda_returns(r, c * mc, te, tr, gamma, lam)[:100] / mc[:100]
+    np.testing.assert_allclose(ratio, 1 - gamma * lam * (1 - c) / (1 - gamma * (1 - lam)), rtol=1e-9)
+
+
 def test_one_million_transitions_in_well_under_a_second():
     rng = np.random.default_rng(5)
     n = 1_000_000
