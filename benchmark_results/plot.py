@@ -273,7 +273,7 @@ def fit_table(table, at_steps):
         logged = sorted(set.intersection(*(set(by_tag[FIT[0]][s]) for s in seeds)))
         # Count critic pre-training steps: EDAC's critics train in the second half of pre-training, after soft BC.
         edac = any(script.startswith("edac") for script, _ in table[(dataset, FIT[0])][condition][1])
-        critics_from = logged[-1] // 2 if edac else 0
+        critics_from = logged[-1] // 2 if edac and at_steps else 0
         steps = [s + critics_from for s in at_steps if s + critics_from in logged] if at_steps else logged[-1:]
         cells = []
         for step in steps:

@@ -60,3 +60,5 @@ def test_fit_table_counts_edac_steps_from_the_start_of_critic_pre_training(tmp_p
     table = plot.fit_table(plot.load(tmp_path / "edac.csv"), plot.FIT_STEPS)
     assert "| 1k | 2k |" in table  # critic steps 1k and 2k are global steps 3k and 4k
     assert "| local-hopper-medium-v0 | edac_paper | 1 | 0.10 / 0.50 | 0.30 / 0.50 |" in table
+    handover = plot.fit_table(plot.load(tmp_path / "edac.csv"), None)
+    assert "| local-hopper-medium-v0 | edac_paper | 1 | 4k | 0.30 / 0.50 (50 / 100) |" in handover  # global step
