@@ -199,7 +199,7 @@ def analyse(experiment, args):
     title, baseline, tags = FIGURES.get(experiment, (experiment, None, (SCORE,)))
     table, rng = load(HERE / "data" / f"{experiment}.csv"), np.random.default_rng(0)
     rows, lines = [], []
-    panels = sorted(key for key in table if key[1] in tags)
+    panels = sorted((key for key in table if key[1] in tags), key=lambda key: (key[0], key[1] != SCORE, key[1]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False)
     for ax, (dataset, tag) in zip(axes[0], panels):
         conditions = table[(dataset, tag)]
