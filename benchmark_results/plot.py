@@ -200,7 +200,7 @@ def analyse(experiment, args):
     table, rng = load(HERE / "data" / f"{experiment}.csv"), np.random.default_rng(0)
     rows, lines = [], []
     panels = sorted((key for key in table if key[1] in tags), key=lambda key: (key[0], key[1] != SCORE, key[1]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.6 * len(panels), 8.0), 4.0), squeeze=False)
     for ax, (dataset, tag) in zip(axes[0], panels):
         conditions = table[(dataset, tag)]
         versions = defaultdict(set)  # script -> its versions among these runs
