@@ -200,8 +200,13 @@ def analyse(experiment, args):
     table, rng = load(HERE / "data" / f"{experiment}.csv"), np.random.default_rng(0)
     rows, lines = [], []
     panels = sorted((key for key in table if key[1] in tags), key=lambda key: (key[0], key[1] != SCORE, key[1]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.6 * len(panels), 8.0), 4.0), squeeze=False)
-    for ax, (dataset, tag) in zip(axes[0], panels):
+    grid_columns = min(len(panels), 3)
+    grid_rows = -(-len(panels) // grid_columns)
+    fig, axes = plt.subplots(grid_rows, grid_columns, figsize=(max(5.6 * grid_columns, 8.0), 4.0 * grid_rows),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (dataset, tag) in zip(axes.flat, panels):
         conditions = table[(dataset, tag)]
         versions = defaultdict(set)  # script -> its versions among these runs
         for script, version in set().union(*(c[1] for c in conditions.values())):
