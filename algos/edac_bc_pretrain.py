@@ -76,9 +76,11 @@ class Args:
     (EDAC from scratch)"""
     lam: float = 0.0
     """lambda of the critics' pre-training targets: 0 is pure Monte-Carlo, 1 is one-step TD"""
-    lambda_refresh_interval: int = 5000
+    lambda_refresh_interval: int = 10000
     """with --lam > 0: the critics fit the Monte-Carlo returns for this many steps before the first
-    lambda-returns are computed from the target networks, and these are recomputed every this many steps"""
+    lambda-returns are computed from the target networks, and these are recomputed every this many steps.
+    Lambda-returns take the level of the critics they bootstrap from, and with --critic-init paper critics
+    need about 10k steps to reach the level of the returns; with mean-target 2k-5k are enough"""
     critic_init: Literal["paper", "mean-target"] = "paper"
     """paper: the usual initialisation; mean-target: each critic's output bias starts at the mean of its
     pre-training targets (the soft returns), so pre-training fits the shape of Q, not its level (when the
@@ -504,7 +506,20 @@ def schedule(args) -> str:
     phases = ([f"soft BC of the actor ({actor_end:,} steps)"] if actor_end else []) + \
         ([f"the critics on soft returns ({pretrain_end - actor_end:,} steps)"] if pretrain_end > actor_end else [])
     return (f"{args.total_steps:,} gradient steps: {', then '.join(phases + ['EDAC'])} with N = {args.num_critics} "
-            f"critics and eta {args.eta:g}" + (f"; lambda {args.lam:g}" if args.lam else ""))
+            f"critics and eta {args.eta:g}" + lambda_schedule(args, pretrain_end - actor_end))
+
+
+def lambda_schedule(args, critic_steps) -> str:
+    """When the lambda-returns come in: a refresh falls on every multiple of the interval inside pre-training."""
+    if not args.lam:
+        return ""
+    refreshes = max(critic_steps - 1, 0) // args.lambda_refresh_interval
+    if refreshes == 0:
+        return (f"; --lam {args.lam:g} takes no effect: the critics pre-train for {critic_steps:,} steps, no more "
+                f"than one --lambda-refresh-interval ({args.lambda_refresh_interval:,}), so they fit Monte-Carlo "
+                "returns throughout (pre-train longer, or shorten the interval with --critic-init mean-target)")
+    return (f"; lambda {args.lam:g}: lambda-returns from critic step {args.lambda_refresh_interval:,}, recomputed "
+            f"every {args.lambda_refresh_interval:,} steps")
 
 
 def main(args: Args, given=None) -> None:

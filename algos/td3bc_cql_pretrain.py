@@ -72,9 +72,11 @@ class Args:
     (TD3+BC from scratch)"""
     lam: float = 0.0
     """lambda of the critics' pre-training targets: 0 is pure Monte-Carlo, 1 is one-step TD"""
-    lambda_refresh_interval: int = 5000
+    lambda_refresh_interval: int = 10000
     """with --lam > 0: the critics fit the Monte-Carlo returns for this many steps before the first
-    lambda-returns are computed from the target networks, and these are recomputed every this many steps"""
+    lambda-returns are computed from the target networks, and these are recomputed every this many steps.
+    Lambda-returns take the level of the critics they bootstrap from, and with --critic-init paper critics
+    need about 10k steps to reach the level of the returns; with mean-target 2k-5k are enough"""
     critic_init: Literal["paper", "mean-target"] = "paper"
     """paper: the usual initialisation; mean-target: each critic's output bias starts at the mean of its
     pre-training targets (the Monte-Carlo returns), so pre-training fits the shape of Q, not its level (when
@@ -377,8 +379,22 @@ def schedule(args) -> str:
     pretrained = {"actor-critic": "actor and critics", "actor": "the actor only", "critic": "the critics only"}
     first = (f"pre-training of {pretrained[args.pretrain]} ({args.pretrain_steps:,} steps), then "
              if args.pretrain_steps else "")
-    return f"{args.total_steps:,} gradient steps: {first}TD3+BC with alpha {args.alpha:g}" + \
-        (f"; lambda {args.lam:g}" if args.lam else "")
+    critic_steps = args.pretrain_steps if args.pretrain in ("actor-critic", "critic") else 0
+    return f"{args.total_steps:,} gradient steps: {first}TD3+BC with alpha {args.alpha:g}" + lambda_schedule(
+        args, critic_steps)
+
+
+def lambda_schedule(args, critic_steps) -> str:
+    """When the lambda-returns come in: a refresh falls on every multiple of the interval inside pre-training."""
+    if not args.lam:
+        return ""
+    refreshes = max(critic_steps - 1, 0) // args.lambda_refresh_interval
+    if refreshes == 0:
+        return (f"; --lam {args.lam:g} takes no effect: the critics pre-train for {critic_steps:,} steps, no more "
+                f"than one --lambda-refresh-interval ({args.lambda_refresh_interval:,}), so they fit Monte-Carlo "
+                "returns throughout (pre-train longer, or shorten the interval with --critic-init mean-target)")
+    return (f"; lambda {args.lam:g}: lambda-returns from critic step {args.lambda_refresh_interval:,}, recomputed "
+            f"every {args.lambda_refresh_interval:,} steps")
 
 
 def main(args: Args, given=None) -> None:

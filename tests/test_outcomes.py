@@ -35,10 +35,14 @@ def test_lambda_returns_wait_one_refresh_interval_for_fitted_critics(script, ext
     """Pre-training shorter than one --lambda-refresh-interval never computes a lambda-return, so it trains
     bit for bit as with --lam 0; a longer one does compute them."""
     flags = ["--env-id", tiny_dataset, "--total-steps", 300, "--pretrain-steps", 200, *SMALL, *extra]
+    output = {}
     for name, lam, interval in (("mc", 0.0, 250), ("short", 0.5, 250), ("long", 0.5, 50)):
         result = run_script(script, *flags, "--lam", lam, "--lambda-refresh-interval", interval, "--run-name", name,
                             cwd=tmp_path)
         assert result.returncode == 0, result.stderr
+        output[name] = result.stdout + result.stderr
+    assert "--lam 0.5 takes no effect" in output["short"]  # and the start-up summary says so
+    assert "lambda 0.5: lambda-returns from critic step 50, recomputed every 50 steps" in output["long"]
     # TD3+BC pre-trains its critics for 200 steps, EDAC for half of them: both fewer than 250, more than 50.
     mc, short, long = (final_weights(tmp_path / "runs" / name) for name in ("mc", "short", "long"))
     assert all(torch.equal(mc[k], short[k]) for k in mc)
