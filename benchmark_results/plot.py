@@ -230,11 +230,12 @@ def analyse(experiment, args):
             improvement = probability_of_improvement(scores[:, -1], base[1][:, -1], args.reps) \
                 if same_steps and condition != baseline else None
             final, final_low, final_high = final_iqm_interval(scores[:, -1], args.reps)
+            peak = int(np.argmax(center))  # the best evaluation of the IQM curve: a collapse shows beside the final
             rows.append(dict(experiment=experiment, dataset=dataset, condition=condition, seeds=len(scores),
                              finished_seeds=len(conditions[condition][2]), total_steps=int(steps[-1]),
                              final_score_mean=round(float(scores[:, -1].mean()), 2),
                              final_score_std=round(float(scores[:, -1].std()), 2),
-                             best_iqm=round(float(center.max()), 2), best_iqm_step=int(steps[np.argmax(center)]),
+                             best_iqm=round(float(center[peak]), 2), best_iqm_step=int(steps[peak]),
                              steps_to_90pct_of_scratch=steps_to(steps, center, 0.9 * base[2][-1]) if base else "",
                              final_iqm=round(final, 2), final_iqm_low=round(final_low, 2),
                              final_iqm_high=round(final_high, 2),
@@ -246,7 +247,6 @@ def analyse(experiment, args):
                              steps_to_90pct_of_best_high=to_90_interval[1] if to_90_interval[1] is not None else "",
                              script_versions="+".join(sorted(v for _, v in conditions[condition][1]))))
             p = (f"{improvement[0]:.2f} [{improvement[1]:.2f}, {improvement[2]:.2f}]" if improvement else "-")
-            peak = int(np.argmax(center))
             lines.append(f"| {dataset} | {condition} | {len(conditions[condition][2])}/{len(scores)} | {steps[-1]:,} | "
                          f"{center[peak]:.1f} at {fmt_steps(steps[peak])} | "
                          f"{final:.1f} [{final_low:.1f}, {final_high:.1f}] | {scores[:, -1].mean():.1f} ± "
