@@ -41,7 +41,6 @@ FIT_STEPS = (1000, 2000, 5000, 10000, 20000)  # where critic_fit's table looks; 
 # condition declared as the baseline.
 FIGURES = {
     "hopper_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
-    "hopper_td3bc_50k": ("TD3+BC: pre-trained vs from scratch, 50k steps", "scratch", (SCORE,)),
     "hopper_td3bc_alpha2.5": ("TD3+BC with alpha 2.5: pre-trained vs from scratch", "scratch", (SCORE,)),
     "walker2d_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "halfcheetah_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
