@@ -302,6 +302,45 @@ def fit_table(table, at_steps):
             "|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
+def flag_value(flags, name):
+    """The value of the last `name` among a run's command-line flags, or None."""
+    values = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == name]
+    return values[-1] if values else None
+
+
+def runs_table(experiments, data_dir):
+    """For every experiment: the grid experiments.toml declares, and how far its runs got by the last export:
+    the runs with logged values, how many of them finished, and the range of their last logged steps."""
+    lines = ["| experiment | declared in experiments.toml | ran here |", "|---|---|---|"]
+    for experiment in experiments:
+        grid = expand(experiments, (experiment,))
+        seeds = sorted({int(flag_value(run.flags, "--seed")) for run in grid})
+        budgets = sorted({int(flag_value(run.flags, "--total-steps") or 0) for run in grid})
+        declared = (f"{len(grid)} runs: {len(experiments[experiment]['conditions'])} conditions, seeds "
+                    f"{', '.join(map(str, seeds))}; " + " / ".join(fmt_steps(b) if b else "default" for b in budgets)
+                    + " steps")
+        last_step, finished = {}, set()
+        if (data_dir / f"{experiment}.csv").exists():
+            with open(data_dir / f"{experiment}.csv") as f:
+                for row in csv.DictReader(f):
+                    run = (row["condition"], row["dataset"], row["seed"])
+                    last_step[run] = max(last_step.get(run, 0), int(row["step"]))
+                    if row["finished"] == "1":
+                        finished.add(run)
+        names = {tuple(run.name.split("/", 1)[1].rsplit("__", 2)) for run in grid}
+        ran = {(condition, dataset, seed[1:]) for condition, dataset, seed in names} & set(last_step)
+        if not ran:
+            lines.append(f"| `{experiment}` | {declared} | not started |")
+            continue
+        ran_seeds = sorted({int(seed) for _, _, seed in ran})
+        reached = sorted({last_step[run] for run in ran})
+        lines.append(f"| `{experiment}` | {declared} | {len(ran)} runs (seed{'s' * (len(ran_seeds) > 1)} "
+                     f"{', '.join(map(str, ran_seeds))}), {len(finished & ran)} finished; logged up to step "
+                     + (fmt_steps(reached[0]) if len(reached) == 1 else
+                        f"{fmt_steps(reached[0])}-{fmt_steps(reached[-1])}") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def datasets_table():
     path = HERE / "data" / "datasets.csv"
     if not path.exists():
@@ -334,12 +373,16 @@ def main(args: Args) -> None:
             writer.writeheader()
             writer.writerows(summary)
     readme = HERE / "README.md"
-    start, end = "<!-- generated: plot.py writes from here -->", "<!-- generated: to here -->"
     text = readme.read_text()
-    if start in text:
-        head, rest = text.split(start, 1)
-        readme.write_text(f"{head}{start}\n" + "\n".join(sections) + f"{end}{rest.split(end, 1)[1]}")
-        print("updated the tables in benchmark_results/README.md")
+    for start, end, content in (
+            ("<!-- generated: the runs table -->", "<!-- generated: end of the runs table -->",
+             runs_table(experiments, HERE / "data")),
+            ("<!-- generated: plot.py writes from here -->", "<!-- generated: to here -->", "\n".join(sections))):
+        if start in text:
+            head, rest = text.split(start, 1)
+            text = f"{head}{start}\n{content}{end}{rest.split(end, 1)[1]}"
+    readme.write_text(text)
+    print("updated the tables in benchmark_results/README.md")
 
 
 if __name__ == "__main__":

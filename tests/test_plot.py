@@ -62,3 +62,28 @@ def test_fit_table_counts_edac_steps_from_the_start_of_critic_pre_training(tmp_p
     assert "| local-hopper-medium-v0 | edac_paper | 1 | 0.10 / 0.50 | 0.30 / 0.50 |" in table
     handover = plot.fit_table(plot.load(tmp_path / "edac.csv"), None)
     assert "| local-hopper-medium-v0 | edac_paper | 1 | 4k | 0.30 / 0.50 (50 / 100) |" in handover  # global step
+
+
+def test_runs_table_says_how_far_each_experiment_got(tmp_path):
+    experiments = {
+        "long": {"script": "td3bc_pretrain.py", "datasets": ["local/hopper/medium-v0"], "seeds": [0, 1, 2],
+                 "flags": "--total-steps 200000 --eval-interval 5000",
+                 "conditions": {"pretrained": "--pretrain actor-critic", "scratch": "--pretrain none"}},
+        "unrun": {"script": "td3bc_pretrain.py", "datasets": ["local/hopper/medium-v0"], "seeds": [0],
+                  "conditions": {"a": "--total-steps 1000", "b": "--total-steps 3000"}},
+    }
+    # long: seed 0 finished in both conditions, seed 1 stopped at 45k and 40k, seed 2 never started
+    with open(tmp_path / "long.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(plot.COLUMNS)
+        for condition, seed, last, finished in (("pretrained", 0, 200000, 1), ("scratch", 0, 200000, 1),
+                                                ("pretrained", 1, 45000, 0), ("scratch", 1, 40000, 0)):
+            for step in range(5000, last + 1, 5000):
+                writer.writerow([condition, "local-hopper-medium-v0", seed, step, plot.SCORE, 1.0,
+                                 "td3bc_pretrain.py", "v1", finished])
+        # a run of a condition the file no longer declares is not counted
+        writer.writerow(["gone", "local-hopper-medium-v0", 0, 5000, plot.SCORE, 1.0, "td3bc_pretrain.py", "v1", 1])
+    table = plot.runs_table(experiments, tmp_path).splitlines()
+    assert table[2] == ("| `long` | 6 runs: 2 conditions, seeds 0, 1, 2; 200k steps | 4 runs (seeds 0, 1), "
+                        "2 finished; logged up to step 40k-200k |")
+    assert table[3] == "| `unrun` | 2 runs: 2 conditions, seeds 0; 1k / 3k steps | not started |"
