@@ -74,6 +74,12 @@ class Args:
 
 
 # ------------------------------------------------------------------------------------------- export
+def run_key(run) -> tuple:
+    """(condition, dataset, seed) of a run named runs/<experiment>/<condition>__<dataset>__s<seed>."""
+    condition, dataset, seed = run.name.split("/", 1)[1].rsplit("__", 2)
+    return condition, dataset, seed[1:]
+
+
 def run_versions(events) -> str:
     """The script versions a run's starts recorded in its hyperparameters ('unrecorded' before they did)."""
     versions = []
@@ -95,11 +101,11 @@ def export(experiment, runs):
             continue
         events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
         events.Reload()
-        condition, dataset, seed = run.name.split("/", 1)[1].rsplit("__", 2)
+        condition, dataset, seed = run_key(run)
         version, finished = run_versions(events), int((run_dir / "model.pt").exists())
         for tag in tags:
             if tag in events.Tags()["scalars"]:
-                rows += [(condition, dataset, seed[1:], e.step, tag, e.value, run.script, version, finished)
+                rows += [(condition, dataset, seed, e.step, tag, e.value, run.script, version, finished)
                          for e in events.Scalars(tag)]
     if not rows:
         return
@@ -327,8 +333,7 @@ def runs_table(experiments, data_dir):
                     last_step[run] = max(last_step.get(run, 0), int(row["step"]))
                     if row["finished"] == "1":
                         finished.add(run)
-        names = {tuple(run.name.split("/", 1)[1].rsplit("__", 2)) for run in grid}
-        ran = {(condition, dataset, seed[1:]) for condition, dataset, seed in names} & set(last_step)
+        ran = {run_key(run) for run in grid} & set(last_step)
         if not ran:
             lines.append(f"| `{experiment}` | {declared} | not started |")
             continue
