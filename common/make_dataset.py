@@ -1,35 +1,39 @@
 """Make D4RL-style offline datasets locally, in Minari format, for any continuous-control Gymnasium env.
 
-For users without internet access to Minari's servers, or with an environment of their own. It
-  1. trains a behaviour policy online, checkpointing it every time its return climbs another
-     `--level-every`, with one of two learners (`--learner`, default per environment):
-       ars  Augmented Random Search (ARS V2-t, Mania et al., 2018): linear policies on normalised
-            observations, only environment rollouts, minutes on a CPU for Hopper;
-       sac  Soft Actor-Critic (Haarnoja et al., 2018), as D4RL used: needed where ARS is slow or
-            unstable (HalfCheetah, Walker2d), about half an hour on one CPU core;
+For users without access to Minari's servers, or with an environment of their own. It follows the protocol
+D4RL used for the datasets of the paper (`--protocol sampled`, the default):
+  1. trains a behaviour policy online with Soft Actor-Critic (Haarnoja et al., 2018; two hidden layers of
+     256, as D4RL's rlkit SAC), saving the whole stochastic policy (its tanh-Gaussian: trunk, mean and
+     log-std heads) at every evaluation, with its average return measured with sampled actions;
   2. writes Minari datasets under `<namespace>/<env>/`:
        random-v0         uniformly random actions,
-       medium-replay-v0  everything the learner collected until it reached the medium level,
-       medium-v0         the medium-level policy with Gaussian action noise (stochastic, like D4RL),
-       expert-v0         the same for the expert level, when `--stop-at expert` and the learner gets there;
-  3. stores in each its D4RL reference scores, the checkpoint it came from, these arguments and a
-     description, through Minari's own `create_dataset_from_buffers`;
-  4. resumes from its checkpoints when re-run with the same `--work-dir` after an interruption.
+       medium-replay-v0  SAC's whole replay buffer up to the medium checkpoint,
+       medium-v0         1M transitions of actions sampled from the first checkpoint whose average return
+                         reaches the medium level (no added noise, no clipping),
+       expert-v0         the same for the expert level, with `--stop-at expert`,
+       medium-expert-v0  medium-v0 and expert-v0 together, when both exist;
+  3. stores in each its D4RL reference scores, the protocol, the checkpoint and its return, the behaviour
+     policy's action spread and these arguments, through Minari's own `create_dataset_from_buffers`;
+  4. resumes from its saved learner state when re-run with the same `--work-dir` after an interruption.
 
-How these differ from D4RL: Gymnasium MuJoCo v5 rather than mujoco-py v2/v3 environments; the
-policy's deterministic action plus Gaussian noise rather than a SAC policy's own stochasticity; with
-ARS, medium-replay holds the learner's perturbed-policy rollouts rather than a SAC replay buffer.
+`--protocol mean-plus-noise` keeps the earlier protocol of this project (the policy's deterministic action
+plus N(0, --action-noise^2) noise, clipped to the bounds; namespace `local-noise`), so that datasets made
+with it can be rebuilt from their saved policies; `--learner ars` (linear policies, Mania et al., 2018)
+needs it. How the default differs from D4RL: Gymnasium MuJoCo v5 rather than mujoco-py environments, and
+"medium" is a return level (default per environment, at D4RL's medium level) rather than a hand-picked
+checkpoint.
 
 Usage:
     python common/make_dataset.py --env-id Hopper-v5
-    python common/make_dataset.py --env-id HalfCheetah-v5 --learner sac
-    MINARI_DATASETS_PATH=~/my_datasets python common/make_dataset.py --env-id Walker2d-v5 --medium-return 3000
+    python common/make_dataset.py --env-id Hopper-v5 --medium-policy hopper_medium.npz   # no training
+    MINARI_DATASETS_PATH=~/my_datasets python common/make_dataset.py --env-id Walker2d-v5 --medium-return 2500
 """
 
 import dataclasses
 import json
 import os
 import pickle
+import shutil
 import sys
 import time
 import warnings
@@ -57,49 +61,67 @@ D4RL_REFERENCE_SCORES = {
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
 }
-# Per environment: medium and expert return levels (about a third of, and near, D4RL's expert level),
-# the learner, and ARS settings from Mania et al. (2018, V2-t) with the survival bonus ARS subtracts
-# while training. ARS with the paper's settings peaked at 2,652 on HalfCheetah and then fell back, and
-# needed millions of steps on Walker2d, hence SAC for those two.
+# Per environment: the medium return level at D4RL's medium datasets (about 44, 41 and 63 normalised for
+# hopper, halfcheetah and walker2d) and an expert level near D4RL's expert reference, and ARS settings from
+# Mania et al. (2018, V2-t) with the survival bonus ARS subtracts while training.
 ENV_DEFAULTS = {
-    "hopper": dict(medium_return=1600.0, expert_return=3000.0, learner="ars", directions=8, top_directions=4,
-                   step_size=0.01, exploration_noise=0.025, reward_shift=1.0),
-    "halfcheetah": dict(medium_return=4700.0, expert_return=6000.0, learner="sac", directions=32, top_directions=4,
+    "hopper": dict(medium_return=1400.0, expert_return=3200.0, directions=8, top_directions=4, step_size=0.01,
+                   exploration_noise=0.025, reward_shift=1.0),
+    "halfcheetah": dict(medium_return=4800.0, expert_return=10000.0, directions=32, top_directions=4,
                         step_size=0.02, exploration_noise=0.03, reward_shift=0.0),
-    "walker2d": dict(medium_return=3000.0, expert_return=4300.0, learner="sac", directions=40, top_directions=30,
+    "walker2d": dict(medium_return=2900.0, expert_return=4500.0, directions=40, top_directions=30,
                      step_size=0.025, exploration_noise=0.01, reward_shift=1.0),
 }
-FALLBACK_DEFAULTS = dict(medium_return=None, expert_return=None, learner="sac", directions=16, top_directions=8,
-                         step_size=0.02, exploration_noise=0.03, reward_shift=0.0)
+FALLBACK_DEFAULTS = dict(medium_return=None, expert_return=None, directions=16, top_directions=8, step_size=0.02,
+                         exploration_noise=0.03, reward_shift=0.0)
+NAMESPACES = {"sampled": "local", "mean-plus-noise": "local-noise"}
 
 
 @dataclass
 class Args:
     env_id: str = "Hopper-v5"
     """Gymnasium environment id with a continuous (Box) action space"""
-    namespace: str = "local"
-    """Minari namespace: datasets are written as <namespace>/<env>/<kind>-v0"""
+    protocol: Literal["sampled", "mean-plus-noise"] = "sampled"
+    """sampled: actions sampled from the SAC policy's tanh-Gaussian, as D4RL; mean-plus-noise: the policy's
+    deterministic action plus Gaussian noise, clipped to the bounds (this project's earlier protocol)"""
+    namespace: Optional[str] = None
+    """Minari namespace: datasets are written as <namespace>/<env>/<kind>-v0 (default: local for sampled,
+    local-noise for mean-plus-noise)"""
     seed: int = 0
-    """seed for the learner, environment resets and action noise"""
-    learner: Optional[Literal["ars", "sac"]] = None
-    """behaviour-policy learner (default per env: ars for hopper, sac for halfcheetah, walker2d and others)"""
+    """seed for the learner, environment resets and the actions' randomness"""
+    learner: Literal["sac", "ars"] = "sac"
+    """behaviour-policy learner: sac (as D4RL), or ars (linear deterministic policies; needs
+    --protocol mean-plus-noise)"""
     stop_at: Literal["medium", "expert"] = "medium"
     """train until the medium level only, or go on to the expert level"""
     medium_return: Optional[float] = None
-    """average return (with action noise) that counts as medium; default per env (hopper 1600, halfcheetah 4700,
-    walker2d 3000)"""
+    """average return (of the protocol's actions) that counts as medium; default per env at D4RL's medium
+    level: hopper 1400, halfcheetah 4800, walker2d 2900"""
     expert_return: Optional[float] = None
-    """average return that counts as expert; default per env"""
+    """average return that counts as expert; default per env: hopper 3200, halfcheetah 10000, walker2d 4500"""
     medium_size: int = 1_000_000
     """transitions in medium-v0 (and expert-v0)"""
     random_size: int = 100_000
     """transitions in random-v0 (0 skips it)"""
     action_noise: float = 0.1
-    """std of the Gaussian noise added to the policy's actions in medium-v0 and expert-v0"""
-    eval_episodes: int = 5
-    """episodes per evaluation"""
-    level_every: float = 250.0
-    """save a policy checkpoint each time the evaluated return passes another multiple of this"""
+    """mean-plus-noise: std of the Gaussian noise added to the policy's deterministic action"""
+    eval_episodes: int = 10
+    """episodes per evaluation of a checkpoint"""
+    medium_policy: Optional[str] = None
+    """write medium-v0 from this saved policy (a policy_medium.npz of an earlier run) instead of training;
+    skips medium-replay-v0"""
+    expert_policy: Optional[str] = None
+    """with --medium-policy: also write expert-v0 and medium-expert-v0 from this saved policy"""
+    sac_max_steps: int = 1_000_000
+    """SAC: give up training after this many environment steps"""
+    sac_eval_every: int = 10_000
+    """SAC: evaluate and save the policy at the first episode end after every this many environment steps"""
+    sac_random_steps: int = 5_000
+    """SAC: uniformly random actions for this many first steps, before any update"""
+    sac_hidden: int = 256
+    """SAC: width of the two hidden layers of actor and critics"""
+    sac_batch_size: int = 256
+    """SAC: minibatch size (one update per environment step)"""
     max_iterations: int = 2000
     """ARS: give up training after this many iterations"""
     eval_every: int = 5
@@ -116,23 +138,10 @@ class Args:
     """ARS: std of the parameter perturbations (default per env)"""
     reward_shift: Optional[float] = None
     """ARS: subtracted from every training reward to remove a survival bonus (default per env)"""
-    sac_max_steps: int = 1_000_000
-    """SAC: give up training after this many environment steps"""
-    sac_eval_every: int = 10_000
-    """SAC: evaluate the (noisy) policy at the first episode end after every this many environment steps"""
-    sac_random_steps: int = 5_000
-    """SAC: uniformly random actions for this many first steps, before any update"""
-    sac_hidden: int = 128
-    """SAC: width of the two hidden layers of actor and critics (128, not the usual 256: 2x faster on a CPU)"""
-    sac_batch_size: int = 128
-    """SAC: minibatch size (one update per environment step)"""
-    medium_policy: Optional[str] = None
-    """write medium-v0 from this saved policy (.npz, e.g. benchmark_results/behaviour_policies/hopper_medium.npz)
-    instead of training; skips medium-replay-v0"""
     threads: int = 1
     """torch CPU threads for SAC (one update is too small to gain from more)"""
     work_dir: str = "runs/make_dataset"
-    """checkpoints and resumable learner state go to <work_dir>/<env>/"""
+    """policy checkpoints and the resumable learner state go to <work_dir>/<env>/"""
     overwrite: bool = False
     """rewrite datasets that already exist instead of skipping them"""
 
@@ -142,50 +151,137 @@ def env_short_name(env_id: str) -> str:
     return env_id.split("/")[-1].split("-v")[0].lower()
 
 
-# ------------------------------------------------------------------------------- policy and rollouts
+# ------------------------------------------------------------------------------- policies and rollouts
+def mlp(layers, x):
+    """ReLU network in NumPy from [(W, b), ...]; no activation after the last layer."""
+    for i, (w, b) in enumerate(layers):
+        x = x @ w.T + b
+        if i < len(layers) - 1:
+            x = np.maximum(x, 0.0)
+    return x
+
+
+def inside_bounds(action, low, high):
+    """float32 actions, strictly inside the box. A tanh value within float32's resolution of the bound would
+    round onto it (tanh(z) rounds to 1 for z > 9); it is stored as the nearest float32 inside instead, so that
+    every action keeps a finite likelihood under the policy. This moves no action by more than 6e-8."""
+    action = action.astype(np.float32)
+    low, high = low.astype(np.float32), high.astype(np.float32)
+    return np.clip(action, np.nextafter(low, high), np.nextafter(high, low))
+
+
+class TanhGaussianPolicy:
+    """SAC's policy in NumPy, so that collecting data needs no torch: z ~ N(mu(s), sigma(s)^2) and
+    a = low + (tanh(z) + 1) (high - low) / 2, with mu and log sigma (clipped to [-5, 2]) two linear heads on a
+    ReLU trunk over raw observations (SAC normalises nothing)."""
+
+    kind = "tanh-gaussian"
+
+    def __init__(self, trunk, mean_head, log_std_head, low, high):
+        self.trunk, self.mean_head, self.log_std_head, self.low, self.high = trunk, mean_head, log_std_head, low, high
+
+    def distribution(self, obs):
+        """mu(s) and log sigma(s) of the pre-tanh Gaussian."""
+        h = np.maximum(mlp(self.trunk, obs), 0.0)
+        return mlp([self.mean_head], h), np.clip(mlp([self.log_std_head], h), -5.0, 2.0)
+
+    def to_box(self, unit_action):
+        return self.low + (unit_action + 1.0) * (self.high - self.low) / 2
+
+    def __call__(self, obs):
+        """The deterministic (mean) action."""
+        return self.to_box(np.tanh(self.distribution(obs)[0]))
+
+    def sample(self, obs, rng):
+        mean, log_std = self.distribution(obs)
+        z = mean + np.exp(log_std) * rng.standard_normal(mean.shape)
+        return inside_bounds(self.to_box(np.tanh(z)), self.low, self.high)
+
+    def save(self, path, **extra):
+        layers = {f"trunk_w{i}": w for i, (w, _) in enumerate(self.trunk)}
+        layers |= {f"trunk_b{i}": b for i, (_, b) in enumerate(self.trunk)}
+        np.savez(path, kind=self.kind, mean_w=self.mean_head[0], mean_b=self.mean_head[1],
+                 log_std_w=self.log_std_head[0], log_std_b=self.log_std_head[1], low=self.low, high=self.high,
+                 **layers, **extra)
+
+
 class LinearPolicy:
-    """a = clip(W (s - mean) / std): ARS's linear policy on running-normalised observations."""
+    """a = clip(W (s - mean) / std): ARS's linear policy on running-normalised observations (deterministic)."""
+
+    kind = "linear"
 
     def __init__(self, weights, obs_mean, obs_std, low, high):
         self.weights, self.obs_mean, self.obs_std, self.low, self.high = weights, obs_mean, obs_std, low, high
 
     def __call__(self, obs, weights=None):
-        w = self.weights if weights is None else weights
-        return np.clip(w @ ((obs - self.obs_mean) / self.obs_std), self.low, self.high)
+        w, x = self.weights if weights is None else weights, (obs - self.obs_mean) / self.obs_std
+        return np.clip(w @ x if x.ndim == 1 else x @ w.T, self.low, self.high)
 
     def save(self, path, **extra):
-        np.savez(path, kind="linear", weights=self.weights, obs_mean=self.obs_mean, obs_std=self.obs_std, low=self.low,
-                 high=self.high, **extra)
+        np.savez(path, kind=self.kind, weights=self.weights, obs_mean=self.obs_mean, obs_std=self.obs_std,
+                 low=self.low, high=self.high, **extra)
 
 
-class MLPPolicy:
-    """a = low + (tanh(mu(s)) + 1) (high - low) / 2: the mean action of a SAC actor, in NumPy, so that
-    collecting data needs no torch."""
+class MeanActionPolicy:
+    """The mean action of a SAC actor, the only part saved by this project's earlier versions (kind 'mlp')."""
+
+    kind = "mlp"
 
     def __init__(self, layers, low, high):
-        self.layers, self.low, self.high = layers, low, high  # [(W, b), ...], ReLU between them
+        self.layers, self.low, self.high = layers, low, high
 
     def __call__(self, obs):
-        h = obs
-        for i, (w, b) in enumerate(self.layers):
-            h = h @ w.T + b
-            if i < len(self.layers) - 1:
-                h = np.maximum(h, 0.0)
-        return self.low + (np.tanh(h) + 1.0) * (self.high - self.low) / 2
-
-    def save(self, path, **extra):
-        weights = {f"w{i}": w for i, (w, _) in enumerate(self.layers)}
-        weights |= {f"b{i}": b for i, (_, b) in enumerate(self.layers)}
-        np.savez(path, kind="mlp", low=self.low, high=self.high, **weights, **extra)
+        return self.low + (np.tanh(mlp(self.layers, obs)) + 1.0) * (self.high - self.low) / 2
 
 
-def load_policy(path):
-    """A policy saved by LinearPolicy.save or MLPPolicy.save (files without `kind` are linear)."""
+def read_policy(path):
+    """A policy saved by this script (files without `kind` are ARS's linear ones) and its saved metadata."""
     f = np.load(path)
-    if "kind" in f and str(f["kind"]) == "mlp":
-        layers = [(f[f"w{i}"], f[f"b{i}"]) for i in range(sum(k.startswith("w") for k in f.files))]
-        return MLPPolicy(layers, f["low"], f["high"])
-    return LinearPolicy(f["weights"], f["obs_mean"], f["obs_std"], f["low"], f["high"])
+    kind = str(f["kind"]) if "kind" in f else "linear"
+    if kind == "tanh-gaussian":
+        trunk = [(f[f"trunk_w{i}"], f[f"trunk_b{i}"]) for i in range(sum(k.startswith("trunk_w") for k in f.files))]
+        policy = TanhGaussianPolicy(trunk, (f["mean_w"], f["mean_b"]), (f["log_std_w"], f["log_std_b"]), f["low"],
+                                    f["high"])
+    elif kind == "mlp":
+        policy = MeanActionPolicy([(f[f"w{i}"], f[f"b{i}"]) for i in range(sum(k.startswith("w") for k in f.files))],
+                                  f["low"], f["high"])
+    else:
+        policy = LinearPolicy(f["weights"], f["obs_mean"], f["obs_std"], f["low"], f["high"])
+    return policy, {k: f[k].item() for k in ("env_id", "avg_return", "env_steps") if k in f.files}
+
+
+def load_policy(path, env, args):
+    """The saved policy for --medium-policy / --expert-policy, refused with what to do when it cannot serve."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no policy file '{path}'; pass a policy_medium.npz saved by make_dataset.py.")
+    policy, saved = read_policy(path)
+    if "env_id" in saved and env_short_name(saved["env_id"]) != env_short_name(args.env_id):
+        raise SystemExit(f"error: {path} is a policy for {saved['env_id']}, not {args.env_id}; pass the policy "
+                         f"made with --env-id {args.env_id}, or change --env-id.")
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    try:
+        action = policy(np.zeros(obs_dim))
+    except ValueError:
+        action = None
+    if action is None or action.shape != (act_dim,):
+        raise SystemExit(f"error: {path} does not fit {args.env_id} (observations of size {obs_dim}, actions of "
+                         f"size {act_dim}); pass a policy made with --env-id {args.env_id}.")
+    if args.protocol == "sampled" and not isinstance(policy, TanhGaussianPolicy):
+        raise SystemExit(f"error: {path} holds a deterministic policy (the earlier format), with no action "
+                         "distribution to sample from; rebuild its data with --protocol mean-plus-noise, or pass a "
+                         "tanh-Gaussian policy saved by this version of make_dataset.py.")
+    return policy, saved
+
+
+def protocol_actor(policy, args, rng):
+    """act(obs) of the data-collecting policy: a sample of the tanh-Gaussian, or the mean action plus noise."""
+    if args.protocol == "sampled":
+        return lambda obs: policy.sample(obs, rng)
+    low, high = policy.low, policy.high
+    def act(obs):
+        action = policy(obs)
+        return np.clip(action + args.action_noise * rng.standard_normal(action.shape), low, high).astype(np.float32)
+    return act
 
 
 def rollout(env, act, seed=None, record=False):
@@ -217,9 +313,36 @@ def rollout(env, act, seed=None, record=False):
     return float(np.sum(rewards)), observations, episode
 
 
-def noisy(policy, rng, noise_std):
-    low, high = policy.low, policy.high
-    return lambda obs: np.clip(policy(obs) + noise_std * rng.standard_normal(low.shape), low, high).astype(np.float32)
+def average_return(env, policy, args, seed):
+    """Average return of the protocol's actions over --eval-episodes, reproducible from (args.seed, seed)."""
+    rng = np.random.default_rng([args.seed, seed])
+    act = protocol_actor(policy, args, rng)
+    return float(np.mean([rollout(env, act, seed=int(rng.integers(2**31)))[0] for _ in range(args.eval_episodes)]))
+
+
+def evaluate_and_checkpoint(args, settings, env, policy, state, work_dir, progress):
+    """Save the policy with its average return (of the protocol's actions) at every evaluation; the medium
+    and expert datasets come from the first checkpoints that reach their levels."""
+    avg = average_return(env, policy, args, state["iteration"])
+    path = os.path.join(work_dir, f"policy_step{state['env_steps']}.npz")
+    policy.save(path, avg_return=avg, iteration=state["iteration"], env_steps=state["env_steps"],
+                env_id=args.env_id, protocol=args.protocol)
+    state["history"].append((state["iteration"], state["env_steps"], avg, path))
+    for name in ("medium", "expert"):
+        level = settings[f"{name}_return"]
+        if level is not None and avg >= level and first_checkpoint(state, level) == path:
+            state["replay_done"] = state["replay_done"] or name == "medium"  # medium-replay stops here
+            progress.write(f"{name} level ({level:.0f}) reached: average return {avg:.0f} after "
+                           f"{state['env_steps']:,} environment steps ({path})")
+
+
+def first_checkpoint(state, level):
+    """The first saved policy whose average return reaches `level`, or None."""
+    return next((path for _, _, avg, path in state["history"] if avg >= level), None)
+
+
+def reached(state, args, settings) -> bool:
+    return first_checkpoint(state, settings[f"{args.stop_at}_return"]) is not None
 
 
 # ------------------------------------------------------------------------------- ARS training
@@ -245,7 +368,7 @@ class RunningStats:
 
 
 def train_ars(args, settings, env, work_dir):
-    """ARS until the target level; returns the replay episodes and {level name: checkpoint path}."""
+    """ARS until the target level; returns the replay episodes and the learner state."""
     state_path = os.path.join(work_dir, "learner_state.pkl")
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
@@ -253,13 +376,12 @@ def train_ars(args, settings, env, work_dir):
     if state is None:
         state = dict(
             iteration=0, weights=np.zeros((act_dim, obs_dim)), stats=RunningStats(obs_dim),
-            rng=np.random.default_rng(args.seed), replay=[], replay_done=False, best_level=-np.inf,
-            checkpoints={}, history=[], env_steps=0,
+            rng=np.random.default_rng(args.seed), replay=[], replay_done=False, history=[], env_steps=0,
         )
     rng = state["rng"]
     progress = tqdm(total=args.max_iterations, initial=state["iteration"], desc=f"ARS {args.env_id}", unit="it",
                     mininterval=REFRESH)
-    while state["iteration"] < args.max_iterations and args.stop_at not in state["checkpoints"]:
+    while state["iteration"] < args.max_iterations and not reached(state, args, settings):
         policy = LinearPolicy(state["weights"], state["stats"].mean, state["stats"].std, low, high)
         deltas = rng.standard_normal((settings["directions"], act_dim, obs_dim))
         returns = np.zeros((settings["directions"], 2))
@@ -293,55 +415,7 @@ def train_ars(args, settings, env, work_dir):
                                  replay_steps=sum(len(e.rewards) for e in state["replay"]))
             save_state(state_path, state)
     progress.close()
-    warn_if_unreached(args, settings, state, "--max-iterations")
-    return state["replay"], state["checkpoints"]
-
-
-def evaluate_and_checkpoint(args, settings, env, policy, state, work_dir, progress):
-    """Average return of the noisy policy (the one the datasets use); save it at every new multiple of
-    --level-every and when it first reaches the medium and expert levels."""
-    eval_rng = np.random.default_rng([args.seed, state["iteration"]])
-    avg = float(np.mean([rollout(env, noisy(policy, eval_rng, args.action_noise), seed=int(eval_rng.integers(2**31)))[0]
-                         for _ in range(args.eval_episodes)]))
-    state["history"].append((state["iteration"], state["env_steps"], avg))
-    provenance = dict(avg_return=avg, iteration=state["iteration"], env_steps=state["env_steps"])
-    level = np.floor(avg / args.level_every) * args.level_every
-    if level > state["best_level"]:
-        state["best_level"] = level
-        policy.save(os.path.join(work_dir, f"policy_return{int(level)}.npz"), **provenance)
-    for name in ("medium", "expert"):
-        level = settings[f"{name}_return"]
-        if level is not None and avg >= level and name not in state["checkpoints"]:
-            state["checkpoints"][name] = os.path.join(work_dir, f"policy_{name}.npz")
-            policy.save(state["checkpoints"][name], **provenance)
-            state["replay_done"] = True  # medium-replay stops at the medium level
-            progress.write(f"{name} level reached: average return {avg:.0f} after {state['env_steps']:,} "
-                           "environment steps")
-
-
-def save_state(path, state):
-    """Pickle to a temporary file, then rename: an interruption leaves the previous state intact."""
-    with open(path + ".tmp", "wb") as f:
-        pickle.dump(state, f)
-    os.replace(path + ".tmp", path)
-
-
-def load_state(path):
-    if not os.path.exists(path):
-        return None
-    with open(path, "rb") as f:
-        state = pickle.load(f)
-    print(f"resuming the behaviour-policy learner after {state['env_steps']:,} environment steps ({path})")
-    return state
-
-
-def warn_if_unreached(args, settings, state, budget_flag):
-    target_name = args.stop_at
-    if target_name not in state["checkpoints"]:
-        best = max((h[2] for h in state["history"]), default=float("nan"))
-        print(f"warning: the learner did not reach the {target_name} level ({settings[f'{target_name}_return']:.0f}) "
-              f"within its budget (best average return {best:.0f}); raise {budget_flag} or lower "
-              f"--{target_name}-return.")
+    return state["replay"], state
 
 
 # ------------------------------------------------------------------------------- SAC training
@@ -365,10 +439,12 @@ class SACActor(nn.Module):
         log_prob = log_prob - (2 * (np.log(2.0) - z - F.softplus(-2 * z))).sum(-1)
         return torch.tanh(z), log_prob
 
-    def mean_policy(self, low, high):
-        layers = [self.trunk[0], self.trunk[2], self.mean]
-        weights = [(layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()) for layer in layers]
-        return MLPPolicy(weights, low, high)
+    def policy(self, low, high) -> TanhGaussianPolicy:
+        """The whole stochastic policy, as NumPy arrays."""
+        def weights(layer):
+            return layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy()
+        return TanhGaussianPolicy([weights(self.trunk[0]), weights(self.trunk[2])], weights(self.mean),
+                                  weights(self.log_std), low, high)
 
 
 class TwinCritic(nn.Module):
@@ -390,7 +466,7 @@ class TwinCritic(nn.Module):
 def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
     """SAC (one update per environment step, learned temperature towards entropy -|A|) until the target
     level. Evaluates at episode ends, so the saved state never needs the environment's. Returns the
-    medium-replay episodes (every transition until the medium level, like D4RL) and the checkpoints."""
+    medium-replay episodes (every transition until the medium checkpoint, like D4RL) and the learner state."""
     torch.set_num_threads(args.threads)
     state_path = os.path.join(work_dir, "sac_state.pkl")
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -410,13 +486,13 @@ def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
     columns = dict(observations=((obs_dim,), np.float64), next_observations=((obs_dim,), np.float64),
                    actions=((act_dim,), np.float32),
                    rewards=((), np.float64), terminations=((), bool), truncations=((), bool))
-    buffer = {k: np.zeros((args.sac_max_steps, *shape), dtype) for k, (shape, dtype) in columns.items()}
     state = load_state(state_path)
     if state is None:
-        state = dict(iteration=0, env_steps=0, next_eval=args.sac_eval_every, history=[], checkpoints={},
-                     best_level=-np.inf, replay_done=False, replay_end=None, episode_starts=[0], episode_seeds=[],
-                     rng=np.random.default_rng(args.seed))
-    else:
+        state = dict(iteration=0, env_steps=0, next_eval=args.sac_eval_every, history=[], replay_done=False,
+                     episode_starts=[0], episode_seeds=[], rng=np.random.default_rng(args.seed))
+    buffer_size = max(args.sac_max_steps, state["env_steps"])
+    buffer = {k: np.zeros((buffer_size, *shape), dtype) for k, (shape, dtype) in columns.items()}
+    if "modules" in state:
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         with torch.no_grad():
@@ -466,7 +542,7 @@ def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
                     mininterval=REFRESH)
     seed = int(rng.integers(2**31))
     obs, _ = env.reset(seed=seed)
-    while state["env_steps"] < args.sac_max_steps and args.stop_at not in state["checkpoints"]:
+    while state["env_steps"] < args.sac_max_steps and not reached(state, args, settings):
         t = state["env_steps"]
         if t < args.sac_random_steps:
             action = rng.uniform(low, high).astype(np.float32)
@@ -488,10 +564,8 @@ def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
         state["episode_seeds"].append(seed)
         if t >= state["next_eval"]:
             state["iteration"] += 1
-            evaluate_and_checkpoint(args, settings, env, actor.mean_policy(low, high), state, work_dir, progress)
+            evaluate_and_checkpoint(args, settings, env, actor.policy(low, high), state, work_dir, progress)
             progress.set_postfix(avg_return=f"{state['history'][-1][2]:.0f}", alpha=f"{log_alpha.exp().item():.3f}")
-            if state["replay_done"] and state["replay_end"] is None:
-                state["replay_end"] = len(state["episode_seeds"])
             state["next_eval"] += args.sac_eval_every
             state.update(modules={name: module.state_dict() for name, module in modules.items()},
                          log_alpha=log_alpha.detach().clone(), torch_rng=torch.get_rng_state(),
@@ -500,18 +574,39 @@ def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
         seed = int(rng.integers(2**31))
         obs, _ = env.reset(seed=seed)
     progress.close()
-    warn_if_unreached(args, settings, state, "--sac-max-steps")
+    return replay_until(state, buffer, settings["medium_return"]), state
 
-    replay = []
-    starts, seeds = state["episode_starts"], state["episode_seeds"]
-    for i in range(state["replay_end"] or 0):
+
+def replay_until(state, buffer, level):
+    """SAC's replay buffer, episode by episode, up to the first checkpoint at `level` (saved at an episode end)."""
+    medium = next(((steps, path) for _, steps, avg, path in state["history"] if avg >= level), None)
+    if medium is None:
+        return []
+    starts, seeds, replay = state["episode_starts"], state["episode_seeds"], []
+    for i in range(starts.index(medium[0])):
         begin, end = starts[i], starts[i + 1]
         replay.append(EpisodeBuffer(
             seed=seeds[i],
             observations=np.concatenate([buffer["observations"][begin:end], buffer["next_observations"][end - 1:end]]),
             **{k: buffer[k][begin:end] for k in ("actions", "rewards", "terminations", "truncations")},
         ))
-    return replay, state["checkpoints"]
+    return replay
+
+
+def save_state(path, state):
+    """Pickle to a temporary file, then rename: an interruption leaves the previous state intact."""
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(state, f)
+    os.replace(path + ".tmp", path)
+
+
+def load_state(path):
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        state = pickle.load(f)
+    print(f"resuming the behaviour-policy learner after {state['env_steps']:,} environment steps ({path})")
+    return state
 
 
 # ------------------------------------------------------------------------------- writing datasets
@@ -526,29 +621,71 @@ def collect(env, act, num_transitions, seed, desc):
     return episodes
 
 
-def write_dataset(args, name, make_episodes, algorithm, description, checkpoint=None):
-    """Write <namespace>/<env>/<name>-v0 from make_episodes(), which is called only if it is needed."""
+def action_spread(policy, args, observations, seed, states=1000, samples=100):
+    """The behaviour policy's action std at a state, averaged over action coordinates and `states` of the
+    dataset's states (Monte Carlo, `samples` actions per state)."""
+    rng = np.random.default_rng(seed)
+    obs = observations[rng.choice(len(observations), min(states, len(observations)), replace=False)]
+    act = protocol_actor(policy, args, rng)
+    return float(np.std([act(obs) for _ in range(samples)], axis=0).mean())
+
+
+def stored_episodes(dataset_id):
+    """A written dataset's episodes as EpisodeBuffers again (for medium-expert, when medium or expert existed)."""
+    dataset = minari.load_dataset(dataset_id)
+    seeds = [m.get("seed") for m in dataset.storage.get_episode_metadata(range(dataset.total_episodes))]
+    return [EpisodeBuffer(seed=seed, observations=e.observations, actions=e.actions, rewards=e.rewards,
+                          terminations=e.terminations, truncations=e.truncations)
+            for seed, e in zip(seeds, dataset.iterate_episodes())]
+
+
+def write_dataset(args, name, episodes, algorithm, description, metadata):
+    """Write <namespace>/<env>/<name>-v0 from episodes() (called only if the dataset is to be written); an
+    interruption while writing leaves no half-written dataset behind."""
     dataset_id = f"{args.namespace}/{env_short_name(args.env_id)}/{name}-v0"
     if dataset_id in minari.list_local_datasets():
         if not args.overwrite:
             print(f"{dataset_id} exists; skipping (pass --overwrite to rewrite it)")
-            return
+            return dataset_id
         minari.delete_dataset(dataset_id)
-    episodes = [dataclasses.replace(episode, id=i) for i, episode in enumerate(make_episodes())]
+    episodes = [dataclasses.replace(episode, id=i) for i, episode in enumerate(episodes())]
+    path = minari.storage.get_dataset_path(dataset_id)
+    shutil.rmtree(path, ignore_errors=True)  # what an earlier run left unfinished
     ref_min, ref_max = D4RL_REFERENCE_SCORES.get(env_short_name(args.env_id), (None, None))
-    dataset = minari.create_dataset_from_buffers(
-        dataset_id, episodes, env=args.env_id, algorithm_name=algorithm,
-        ref_min_score=ref_min, ref_max_score=ref_max, description=description,
-        num_episodes_average_score=10,
-    )
-    returns = [float(np.sum(e.rewards)) for e in episodes]
-    dataset.storage.update_metadata({
-        "policy_checkpoint": checkpoint or "none",
-        "generator_args": json.dumps(asdict(args)),
-        "average_episode_return": float(np.mean(returns)),
-    })
+    try:
+        dataset = minari.create_dataset_from_buffers(
+            dataset_id, episodes, env=args.env_id, algorithm_name=algorithm,
+            ref_min_score=ref_min, ref_max_score=ref_max, description=description,
+            num_episodes_average_score=10,
+        )
+        returns = [float(np.sum(e.rewards)) for e in episodes]
+        dataset.storage.update_metadata({**metadata, "data_protocol": args.protocol,
+                                         "generator_args": json.dumps(asdict(args)),
+                                         "average_episode_return": float(np.mean(returns))})
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     print(f"wrote {dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} transitions, "
           f"average return {np.mean(returns):.1f}")
+    return dataset_id
+
+
+def trained_policies(args, settings, env, work_dir):
+    """Train the learner (or resume it) until --stop-at; the medium-replay episodes and {level: policy file}."""
+    started = time.time()
+    train = train_ars if args.learner == "ars" else train_sac
+    replay, state = train(args, settings, env, work_dir)
+    print(f"behaviour-policy training: {time.time() - started:.0f} s")
+    level = settings[f"{args.stop_at}_return"]
+    if not reached(state, args, settings):
+        best = max((h[2] for h in state["history"]), default=float("nan"))
+        budget = "--max-iterations" if args.learner == "ars" else "--sac-max-steps"
+        raise SystemExit(f"error: the learner did not reach the {args.stop_at} level ({level:.0f}) within its "
+                         f"budget ({state['env_steps']:,} environment steps; best average return {best:.0f}), so "
+                         f"no dataset was written. Re-run with a larger {budget} to continue training from "
+                         f"{work_dir}, or lower --{args.stop_at}-return.")
+    return replay, {name: first_checkpoint(state, settings[f"{name}_return"]) for name in ("medium", "expert")
+                    if settings[f"{name}_return"] is not None and first_checkpoint(state, settings[f"{name}_return"])}
 
 
 def main(args: Args) -> None:
@@ -556,46 +693,57 @@ def main(args: Args) -> None:
     if not isinstance(env.action_space, gym.spaces.Box):
         raise SystemExit(f"error: {args.env_id} has a {type(env.action_space).__name__} action space; "
                          "make_dataset.py needs a continuous (Box) one.")
+    if args.learner == "ars" and args.protocol == "sampled":
+        raise SystemExit("error: --learner ars learns deterministic linear policies, with no action distribution to "
+                         "sample from; add --protocol mean-plus-noise, or use --learner sac.")
+    args.namespace = args.namespace or NAMESPACES[args.protocol]
     settings = {**ENV_DEFAULTS.get(env_short_name(args.env_id), FALLBACK_DEFAULTS)}
     settings.update({k: getattr(args, k) for k in settings if getattr(args, k) is not None})
-    if settings[f"{args.stop_at}_return"] is None:
+    if settings[f"{args.stop_at}_return"] is None and args.medium_policy is None:
         raise SystemExit(f"error: no default return levels for {args.env_id}; pass --medium-return (and "
                          "--expert-return).")
     work_dir = os.path.join(args.work_dir, env_short_name(args.env_id))
     os.makedirs(work_dir, exist_ok=True)
     started = time.time()
-
     if args.medium_policy is not None:
-        if not os.path.exists(args.medium_policy):
-            raise SystemExit(f"error: no policy file '{args.medium_policy}'; pass a .npz saved by this script.")
         replay, checkpoints = None, {"medium": args.medium_policy}
+        if args.expert_policy is not None:
+            checkpoints["expert"] = args.expert_policy
     else:
-        train = train_ars if settings["learner"] == "ars" else train_sac
-        replay, checkpoints = train(args, settings, env, work_dir)
-        print(f"behaviour-policy training: {time.time() - started:.0f} s")
+        replay, checkpoints = trained_policies(args, settings, env, work_dir)
+    policies = {name: load_policy(path, env, args) for name, path in checkpoints.items()}
 
-    d4rl_note = "A D4RL-style dataset made locally by common/make_dataset.py on Gymnasium MuJoCo v5. "
+    note = f"A D4RL-style dataset made locally by common/make_dataset.py on {args.env_id} (Gymnasium MuJoCo). "
+    kind = "SAC policy, sampled actions" if args.protocol == "sampled" else \
+        f"{'ARS V2-t linear' if args.learner == 'ars' else 'SAC'} policy + N(0, {args.action_noise}^2) action noise"
     if args.random_size > 0:
         def random_episodes():
             env.action_space.seed(args.seed)
             return collect(env, lambda obs: env.action_space.sample(), args.random_size, args.seed + 1, "random")
-        write_dataset(args, "random", random_episodes, "uniformly random actions",
-                      d4rl_note + "Uniformly random actions.")
-    if "medium" in checkpoints and replay is not None:
-        learner = "ARS V2-t" if settings["learner"] == "ars" else "SAC"
-        what = "its perturbed policies' rollouts" if settings["learner"] == "ars" else "its whole replay buffer"
+        write_dataset(args, "random", random_episodes, "uniformly random actions", note + "Uniformly random actions.",
+                      {"policy_checkpoint": "none"})
+    if replay is not None:
+        learner = "ARS V2-t" if args.learner == "ars" else "SAC"
+        what = "its perturbed policies' rollouts" if args.learner == "ars" else "its whole replay buffer"
         write_dataset(args, "medium-replay", lambda: replay, learner,
-                      d4rl_note + f"The {learner} learner's data until it reached the medium level: {what}.",
-                      checkpoints["medium"])
-    for name in ("medium", "expert"):
-        if name in checkpoints:
-            policy = load_policy(checkpoints[name])
-            kind = "ARS V2-t linear policy" if isinstance(policy, LinearPolicy) else "SAC policy (mean action)"
-            act = noisy(policy, np.random.default_rng(args.seed + 2), args.action_noise)
-            write_dataset(args, name, lambda: collect(env, act, args.medium_size, args.seed + 3, name),
-                          f"{kind} + N(0, {args.action_noise}^2) action noise",
-                          d4rl_note + f"The {name}-level {kind} with N(0, {args.action_noise}^2) action noise.",
-                          checkpoints[name])
+                      note + f"The {learner} learner's data until it reached the medium level: {what}.",
+                      {"policy_checkpoint": checkpoints["medium"]})
+    written = {}
+    for name, (policy, saved) in policies.items():
+        metadata = {"policy_checkpoint": checkpoints[name], "policy_return": saved.get("avg_return", "unknown"),
+                    "policy_env_steps": saved.get("env_steps", "unknown")}
+
+        def episodes(name=name, policy=policy, metadata=metadata):
+            act = protocol_actor(policy, args, np.random.default_rng(args.seed + 2))
+            episodes = collect(env, act, args.medium_size, args.seed + 3, name)
+            observations = np.concatenate([e.observations[:-1] for e in episodes])
+            metadata["behaviour_action_std"] = action_spread(policy, args, observations, args.seed + 4)
+            return episodes
+        written[name] = write_dataset(args, name, episodes, kind, note + f"The {name}-level {kind}.", metadata)
+    if set(written) == {"medium", "expert"}:
+        write_dataset(args, "medium-expert", lambda: stored_episodes(written["medium"]) +
+                      stored_episodes(written["expert"]), kind, note + "medium-v0 and expert-v0 together.",
+                      {"policy_checkpoint": f"{checkpoints['medium']} + {checkpoints['expert']}"})
     print(f"done in {time.time() - started:.0f} s; datasets under {minari.storage.get_dataset_path()}")
 
 
