@@ -24,21 +24,15 @@ Usage:
     python algos/edac_bc_pretrain.py --resume runs/<run-name>    # continue an interrupted run exactly
 """
 
+import difflib
 import hashlib
-import importlib.metadata
-import importlib.util
-import logging
 import math
 import os
-import platform
-import random
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -136,17 +130,16 @@ class Args:
     """torch CPU threads (default: torch's, one per core); on a machine shared with other jobs, give each run
     its share, e.g. 1 per run when running two on two cores"""
     compile: bool = False
-    """on GPUs, replay each update step as one CUDA graph (10-13x faster updates on an H100: a batch-256 update
-    is bound by kernel launches); on CPUs, compile the networks with torch.compile (up to 1.2x)"""
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    """bf16: the hidden layers' matmuls in bf16, everything else in fp32; auto: bf16 where it pays (CPUs with
-    AVX-512-BF16 or AMX), fp32 elsewhere (GPUs, where batch-256 updates are not bound by matmuls)"""
+    """on GPUs, replay each update step as one CUDA graph (a batch-256 update is bound by kernel launches); on
+    CPUs, compile the networks with torch.compile"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: the hidden layers' matmuls in bf16, everything else in fp32 (faster on CPUs with bf16 units)"""
     track: bool = False
     """mirror the tensorboard logs to Weights & Biases (pip install wandb)"""
     wandb_project_name: str = "first-imitate-then-improve"
     """W&B project, with --track"""
     wandb_entity: Optional[str] = None
-    """W&B team or user, with --track (default: yours)"""
+    """W&B team or user, with --track (default: your default entity)"""
 
 
 # Per-dataset settings of the paper's authors: ensemble size N, eta, budgets, pre-training steps.
@@ -490,17 +483,9 @@ def edac_step(learner, batch, noise, next_noise, args):
             "values/target": td_target.mean(), "charts/alpha": alpha, "charts/entropy": -log_prob.detach().mean()}
 
 
+
+
 # ================================================================================================ training loop
-def phase_name(step, args) -> str:
-    actor_end, pretrain_end = pretrain_phases(args)
-    return "soft BC" if step < actor_end else "critics" if step < pretrain_end else "EDAC"
-
-
-def handover_step(args) -> int:
-    """The step at which pre-training hands its networks to EDAC (0: no pre-training)."""
-    return pretrain_phases(args)[1]
-
-
 def schedule(args) -> str:
     actor_end, pretrain_end = pretrain_phases(args)
     phases = ([f"soft BC of the actor ({actor_end:,} steps)"] if actor_end else []) + \
@@ -513,8 +498,7 @@ def lambda_schedule(args, critic_steps) -> str:
     """When the lambda-returns come in: a refresh falls on every multiple of the interval inside pre-training."""
     if not args.lam:
         return ""
-    refreshes = max(critic_steps - 1, 0) // args.lambda_refresh_interval
-    if refreshes == 0:
+    if (max(critic_steps - 1, 0) // args.lambda_refresh_interval) == 0:
         return (f"; --lam {args.lam:g} takes no effect: the critics pre-train for {critic_steps:,} steps, no more "
                 f"than one --lambda-refresh-interval ({args.lambda_refresh_interval:,}), so they fit Monte-Carlo "
                 "returns throughout (pre-train longer, or shorten the interval with --critic-init mean-target)")
@@ -522,13 +506,12 @@ def lambda_schedule(args, critic_steps) -> str:
             f"every {args.lambda_refresh_interval:,} steps")
 
 
-def main(args: Args, given=None) -> None:
-    args, checkpoint = prepare_args(args, given)  # resume, per-dataset defaults, checks
+def main(args: Args) -> None:
+    args, checkpoint = prepare_args(args)  # a resumed run's own settings, per-dataset defaults, checks
     datasets, data = load_data(args.env_id)  # every transition as flat NumPy arrays, checked
-    device = setup_device(args)  # --device, --threads, --precision
-    if checkpoint is None:
-        seed_everything(args.seed)  # (a resumed run restores every random state instead, in Run)
-    sampler = make_sampler(args.seed, device)  # batch indices and noise, drawn on the training device
+    device = setup_device(args)
+    torch.manual_seed(args.seed)  # network initialisation
+    sampler = make_sampler(args.seed, device)  # every later random draw: batch indices and noise
 
     # States normalised by the dataset's statistics, here and at evaluation. The soft returns need the
     # pre-trained actor, so they come after soft behaviour cloning.
@@ -545,10 +528,11 @@ def main(args: Args, given=None) -> None:
                                                                  learner, device, args)  # with --compile
     actor_end, pretrain_end = pretrain_phases(args)
 
-    # Logs, evaluation, checkpoints; when resuming, Run restores the networks, optimisers and random states.
-    run = Run(args, datasets, data, learner, sampler, (obs_mean, obs_std), checkpoint)
-    if checkpoint is not None and checkpoint["next_entropies"] is not None:
-        returns_to_go, next_entropies = checkpoint["returns_to_go"].to(device), checkpoint["next_entropies"].to(device)
+    run = Run(args, datasets, (obs_mean, obs_std), device, checkpoint, schedule(args))  # logs, evaluation, signals
+    if checkpoint is not None:
+        restore(learner, sampler, checkpoint, args)
+        if checkpoint["next_entropies"] is not None:
+            returns_to_go, next_entropies = (checkpoint[k].to(device) for k in ("returns_to_go", "next_entropies"))
     for step in range(run.start_step, args.total_steps):
         idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=sampler)
         batch = {k: v[idx] for k, v in data.items()}
@@ -568,8 +552,19 @@ def main(args: Args, given=None) -> None:
             metrics = critic_pretrain_update(learner, batch, returns_to_go[idx], noise, args)
         else:  # 3. EDAC from the pre-trained networks
             metrics = rl_update(learner, batch, noise, next_noise, args)
-        run.end_step(step, metrics, {"returns_to_go": returns_to_go, "next_entropies": next_entropies})
-    run.finish()
+
+        done = step + 1
+        run.log(done, metrics, phase="soft BC" if done < actor_end else "critics" if done < pretrain_end else "EDAC")
+        if done == pretrain_end or (done < pretrain_end and done % args.eval_interval == 0):
+            run.log_fit(done, pretraining_fit(learner, data, returns_to_go, args), done == pretrain_end)
+        if done % args.eval_interval == 0 or done == args.total_steps:
+            run.evaluate(done, learner.actor)
+        if (args.checkpoint_interval and done % args.checkpoint_interval == 0) or done == args.total_steps \
+                or run.stop_signal:
+            run.save_checkpoint(done, learner, sampler, returns_to_go=returns_to_go, next_entropies=next_entropies)
+        if run.stop_signal:
+            run.interrupt(done)
+    run.finish(learner)
 
 
 # ================================================================================================ evaluation
@@ -603,7 +598,7 @@ def score_reference(dataset):
     metadata = dataset.storage.metadata
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
         return float(metadata["ref_min_score"]), float(metadata["ref_max_score"]), "the dataset's reference returns"
-    env_name = dataset_name_parts(dataset.spec.dataset_id)[0]
+    env_name = resolve_dataset(dataset.spec.dataset_id)[1]
     if env_name in D4RL_REFERENCE_RETURNS:
         return (*D4RL_REFERENCE_RETURNS[env_name], f"D4RL's {env_name} reference returns (the dataset has none)")
     return None
@@ -636,144 +631,105 @@ def pretraining_fit(learner, data, returns_to_go, args, sample_size=10_000):
     return fit
 
 
+
 # ================================================================================================ plumbing
-# Everything below serves the algorithm above without being part of it: arguments and resuming, devices,
-# dataset resolution, loading and checks, and the run's bookkeeping: logs, evaluation, checkpoints, signals.
+# Everything below serves the algorithm above without being part of it: arguments and resuming, the device,
+# the dataset (names, loading, checks), and the run's bookkeeping (logs, evaluation, checkpoints, signals).
+# The text is the same in all four scripts of algos/, but for check_args and speed_up.
 
 # Flags a resumed run may change (to extend it, or to run it elsewhere); any other stays as the run began.
-RESUMABLE_CHANGES = ("total_steps", "eval_interval", "eval_episodes", "checkpoint_interval", "log_interval",
-                     "threads", "device", "compile", "track", "wandb_project_name", "wandb_entity")
+RESUMABLE = ("total_steps", "eval_interval", "eval_episodes", "checkpoint_interval", "log_interval", "threads",
+             "device", "compile", "track", "wandb_project_name", "wandb_entity")
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def parse_args() -> Args:
+    """The command line. With --resume, the saved run's arguments are the defaults, so a flag given changes
+    only itself."""
+    args = tyro.cli(Args)
+    if args.resume is None:
+        return args
+    saved = Args(**{**load_checkpoint(args.resume)["args"], "resume": args.resume})
+    return tyro.cli(Args, default=saved)
 
 
-def check_args(args: Args, defaulted=()) -> None:
-    """Refuse bad flags before anything runs, saying what to pass instead; `defaulted` names the settings
-    that came from the dataset's defaults rather than from the command line."""
-    problems = []
+def load_checkpoint(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint.pt in '{run_dir}' to resume from: pass the directory of a run that "
+                         "was interrupted or saved a periodic checkpoint (runs/<run-name>).")
+    return torch.load(path, map_location="cpu", weights_only=False)  # any device may resume it
+
+
+def prepare_args(args: Args):
+    """The run's arguments with the dataset's defaults filled in and checked, and its checkpoint when resuming."""
+    checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
+    if checkpoint is not None:
+        saved = checkpoint["args"]
+        for key, value in asdict(args).items():
+            if key not in RESUMABLE and key != "resume" and value != saved[key]:
+                raise SystemExit(f"error: --{key.replace('_', '-')} cannot change when resuming (the run has "
+                                 f"{saved[key]!r}, given {value!r}); only "
+                                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can. Start a new run "
+                                 "for other settings.")
+        if args.total_steps <= checkpoint["step"]:
+            raise SystemExit(f"error: the run in {args.resume} has finished its {args.total_steps} steps; pass a "
+                             "larger --total-steps to continue it." if args.total_steps == checkpoint["step"] else
+                             f"error: the run is at step {checkpoint['step']}; --total-steps {args.total_steps} would "
+                             "end it before that.")
+    _, env_name, quality = resolve_dataset(args.env_id)
+    defaulted = {key for key in dataset_defaults(env_name, quality) if getattr(args, key) is None}
+    args = replace(args, **{key: dataset_defaults(env_name, quality)[key] for key in defaulted})
+    if args.pretrain == "none":
+        args.pretrain_steps = 0
+    check_args(args, defaulted)
+    return args, checkpoint
+
+
+def check_args(args: Args, defaulted) -> None:
+    """Refuse bad flags before anything runs, saying what to pass instead; `defaulted` names the settings that
+    came from the dataset's defaults rather than from the command line."""
+    positive = ("total_steps", "batch_size", "hidden_dim", "eval_interval", "log_interval", "entropy_samples",
+                "lambda_refresh_interval")
+    problems = [f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}" for name in positive
+                if getattr(args, name) <= 0]
+    problems += [f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}" for name in
+                 ("pretrain_steps", "bc_weight", "eval_episodes", "checkpoint_interval", "threads")
+                 if (getattr(args, name) or 0) < 0]
     if not 0.0 <= args.lam <= 1.0:
         problems.append(f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}")
-    for name in ("total_steps", "batch_size", "hidden_dim", "eval_interval", "log_interval",
-                 "entropy_samples", "lambda_refresh_interval"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("pretrain_steps", "bc_weight", "eval_episodes", "checkpoint_interval", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            problems.append(f"--{name.replace('_', '-')} must not be negative, got {value}")
-    if args.pretrain_steps is not None and args.total_steps is not None and args.pretrain_steps > args.total_steps:
-        source = lambda key: ", this dataset's default" if key in defaulted else ""
-        problems.append(f"--pretrain-steps ({args.pretrain_steps}{source('pretrain_steps')}) cannot exceed "
-                        f"--total-steps ({args.total_steps}{source('total_steps')}): pre-training counts inside the "
-                        f"total budget; pass --pretrain-steps {args.total_steps // 2} (say), or a larger --total-steps")
-    if args.num_critics is not None and args.num_critics < 2:
+    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma < 1.0 or args.learning_rate <= 0:
+        problems.append("--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive")
+    if args.num_critics < 2:
         problems.append(f"--num-critics must be at least 2 (EDAC's diversity term compares critics), "
                         f"got {args.num_critics}")
-    if args.eta is not None and args.eta < 0:
+    if args.eta < 0:
         problems.append(f"--eta must not be negative, got {args.eta}")
     if not 0.0 <= args.actor_pretrain_fraction <= 1.0:
         problems.append(f"--actor-pretrain-fraction must lie in [0, 1], got {args.actor_pretrain_fraction}")
     if not 0.0 < args.action_saturation <= 1.0:
         problems.append(f"--action-saturation must lie in (0, 1], got {args.action_saturation}")
-    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma < 1.0 or args.learning_rate <= 0:
-        problems.append("--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive")
+    if args.pretrain_steps > args.total_steps:
+        source = {key: ", this dataset's default" if key in defaulted else "" for key in ("pretrain_steps",
+                                                                                         "total_steps")}
+        problems.append(f"--pretrain-steps ({args.pretrain_steps}{source['pretrain_steps']}) cannot exceed "
+                        f"--total-steps ({args.total_steps}{source['total_steps']}): pre-training counts inside the "
+                        f"total budget; pass --pretrain-steps {args.total_steps // 2} (say), or a larger --total-steps")
     if problems:
         raise SystemExit("error: " + "; ".join(problems) + ".")
 
 
-def prepare_args(args: Args, given=None):
-    """The run's arguments (a resumed run's own, from its checkpoint), per-dataset defaults filled in. `given`
-    names the flags on the command line (those a resumed run may change)."""
-    checkpoint = None
-    if args.resume is not None:
-        checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.exists(checkpoint_path):
-            raise SystemExit(f"error: no checkpoint.pt in '{args.resume}' to resume from: pass the directory of a "
-                             "run that was interrupted or saved a periodic checkpoint (runs/<run-name>).")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # any device may resume
-        args = resumed_args(args, checkpoint, given)
-    check_args(args)
-    env_name, quality = dataset_task(args.env_id)
-    defaulted = {key for key, value in dataset_defaults(env_name, quality).items() if getattr(args, key) is None}
-    for key, value in dataset_defaults(env_name, quality).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.pretrain == "none":
-        args.pretrain_steps = 0
-    check_args(args, defaulted)  # again, now that per-dataset defaults have filled the gaps
-    return args, checkpoint
-
-
-def resumed_args(args: Args, checkpoint: dict, given=None) -> Args:
-    """The saved run's arguments, changed by the flags given now that a resumed run may change; any other flag
-    given with another value is refused. Without `given` (main called from Python), a flag counts as given when
-    it differs from its default."""
-    saved, defaults = checkpoint["args"], asdict(Args())
-    given = given if given is not None else {k for k, v in asdict(args).items() if v != defaults[k]}
-    changes = {k: getattr(args, k) for k in given if k in saved and getattr(args, k) != saved[k] and k != "resume"}
-    changes.pop("precision", None) if args.precision == "auto" else None  # auto resolved to the saved one
-    for key in changes:
-        if key not in RESUMABLE_CHANGES:
-            raise SystemExit(f"error: {flag(key)} cannot change when resuming (the run has {saved[key]!r}, given "
-                             f"{changes[key]!r}); only {', '.join(map(flag, RESUMABLE_CHANGES))} can. Start a new "
-                             "run for other settings.")
-    args = Args(**{**defaults, **saved, **changes, "resume": args.resume})
-    if args.total_steps < checkpoint["step"]:
-        raise SystemExit(f"error: the run is at step {checkpoint['step']}; --total-steps {args.total_steps} would "
-                         "end it before that.")
-    if args.total_steps == checkpoint["step"]:
-        raise SystemExit(f"error: the run in {args.resume} has finished its {args.total_steps} steps; pass a larger "
-                         "--total-steps to continue it.")
-    return args
-
-
-def flags_given(argv) -> set:
-    """The Args fields named on a command line: --total-steps 5 and --total-steps=5 give total_steps,
-    --compile and --no-compile give compile."""
-    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
-    return {name[3:] if name.startswith("no_") and name[3:] in asdict(Args()) else name for name in names}
-
-
 def setup_device(args: Args) -> torch.device:
-    """--device, --threads and --precision (auto resolved for this device)."""
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise SystemExit(f"error: --device {args.device} is not a torch device; use auto, cpu, cuda or cuda:N.")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU "
-                             "here; use --device cpu (or auto, which picks a GPU when there is one).")
+    try:
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(auto if args.device == "auto" else args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU here; "
+                         "use --device cpu (or auto, which picks a GPU when there is one).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.precision = pick_precision(args.precision, device)
     return device
-
-
-def pick_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on CPUs with bf16 matmul units (AVX-512-BF16, AMX), where it makes an update 1.3-2x faster;
-    fp32 on GPUs, where a batch-256 update is bound by kernel launches, not matmuls (bf16 measured no faster
-    there, benchmark_results/throughput_gpu.md)."""
-    if device.type == "cuda":
-        supported, fast = torch.cuda.is_bf16_supported(including_emulation=False), False
-    else:
-        capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-        supported = fast = capabilities.get("avx512_bf16", False) or capabilities.get("amx_bf16", False)
-    if precision == "bf16" and not supported:
-        print(f"note: this {device.type} has no fast bf16 matmuls; training in fp32")
-        return "fp32"
-    return ("bf16" if fast else "fp32") if precision == "auto" else precision
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def make_sampler(seed: int, device) -> torch.Generator:
@@ -784,63 +740,55 @@ def make_sampler(seed: int, device) -> torch.Generator:
     return sampler
 
 
+# ------------------------------------------------------------------------------------------------ datasets
 D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+?)-v\d+$")
-MINARI_MUJOCO = ("halfcheetah", "hopper", "walker2d", "ant")
-REMOTE_NAMESPACES = ("mujoco", "D4RL")  # where Minari hosts the datasets that D4RL names map to
-GYMNASIUM_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+D4RL_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay", "human", "cloned")
+MINARI_HOSTS = {"halfcheetah": ("simple", "medium", "expert"), "hopper": ("simple", "medium", "expert"),
+                "walker2d": ("simple", "medium", "expert"), "ant": ("simple", "medium", "expert"),
+                **{env: ("human", "cloned", "expert") for env in ADROIT_DEMO_LENGTHS}}
 
 
-def resolve_dataset(env_id: str) -> list:
-    """D4RL-style name -> list of Minari dataset ids (medium-expert combines two); Minari ids pass through."""
+def resolve_dataset(env_id: str):
+    """--env-id -> (Minari dataset ids, environment, quality). A D4RL name maps to the datasets Minari hosts
+    (medium-expert to two of them); a Minari id passes through."""
     if "/" in env_id:
-        return [env_id]
+        parts = env_id.split("/")
+        return [env_id], parts[-2].lower() if len(parts) > 1 else "", re.sub(r"-v\d+$", "", parts[-1])
     match = D4RL_NAME.match(env_id)
     if match is None:
         raise SystemExit(f"error: '{env_id}' is neither a D4RL name like hopper-medium-v2 nor a Minari dataset id "
-                         "like mujoco/hopper/medium-v0. Pass one of those to --env-id.")
+                         f"like mujoco/hopper/medium-v0.{did_you_mean(env_id)} Pass one of those to --env-id.")
     env_name, quality = match["env"], match["quality"]
-    if env_name in ADROIT_DEMO_LENGTHS and quality in ("human", "cloned", "expert"):
-        return [f"D4RL/{env_name}/{quality}-v2"]
-    if env_name in MINARI_MUJOCO and quality in ("medium", "expert"):
-        return [f"mujoco/{env_name}/{quality}-v0"]
-    if env_name in MINARI_MUJOCO and quality == "medium-expert":
-        return [f"mujoco/{env_name}/medium-v0", f"mujoco/{env_name}/expert-v0"]
-    if env_name in MINARI_MUJOCO:
-        hosted = ", ".join(f"mujoco/{env_name}/{q}-v0" for q in ("simple", "medium", "expert"))
-    else:
-        hosted = "mujoco/<env>/{simple,medium,expert}-v0, D4RL/{pen,door,hammer,relocate}/{human,cloned,expert}-v2"
-    raise SystemExit(f"error: Minari does not host the D4RL dataset '{env_id}'. Available: {hosted}. To make "
-                     f"{quality} data locally: {make_dataset_hint(env_name, quality)}.")
+    hosted = MINARI_HOSTS.get(env_name, ())
+    namespace, version = ("D4RL", "v2") if env_name in ADROIT_DEMO_LENGTHS else ("mujoco", "v0")
+    if quality in hosted:
+        return [f"{namespace}/{env_name}/{quality}-{version}"], env_name, quality
+    if quality == "medium-expert" and "medium" in hosted:
+        return [f"{namespace}/{env_name}/{q}-{version}" for q in ("medium", "expert")], env_name, quality
+    typo = did_you_mean(env_id) if quality not in D4RL_QUALITIES else ""
+    raise SystemExit(f"error: Minari does not host the D4RL dataset '{env_id}'.{typo} It hosts "
+                     + (", ".join(f"{namespace}/{env_name}/{q}-{version}" for q in hosted) if hosted else
+                        "mujoco/<env>/{simple,medium,expert}-v0 and D4RL/<adroit task>/{human,cloned,expert}-v2")
+                     + f". {make_locally(env_name)}")
 
 
-def make_dataset_hint(env_name: str, kind: str) -> str:
-    """The command that makes local/<env>/<kind>-v0, with the few-minute shortcut where there is one."""
-    command = f"`python common/make_dataset.py --env-id {GYMNASIUM_IDS.get(env_name, '<Env>-v5')}`"
-    policy = f"benchmark_results/behaviour_policies/{env_name}_medium.npz"
-    if kind == "medium" and (Path(__file__).resolve().parent.parent / policy).exists():
-        command += f" (or, in a few minutes, with `--medium-policy {policy}`)"
-    return f"{command}, then --env-id local/{env_name}/{kind}-v0"
+def make_locally(env_name: str) -> str:
+    """How to make a dataset without Minari's servers, worded to hold in a copy of this script too."""
+    env = {"halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}.get(env_name, f"{env_name.capitalize()}-v5")
+    return (f"To make data locally, use make_dataset.py from the project this script comes from: `python "
+            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/medium-v0 and medium-replay-v0.")
 
 
-def dataset_task(env_id: str) -> tuple:
-    """--env-id -> (environment, quality), e.g. ('hopper', 'medium-expert'): what the per-dataset defaults
-    depend on (a D4RL name says it whole; medium-expert resolves to two Minari datasets, medium and expert)."""
-    match = D4RL_NAME.match(env_id)
-    if "/" not in env_id and match is not None:
-        resolve_dataset(env_id)  # refuses names Minari does not host
-        return match["env"], match["quality"]
-    return dataset_name_parts(resolve_dataset(env_id)[0])
-
-
-def dataset_name_parts(dataset_id: str) -> tuple:
-    """'mujoco/hopper/medium-v0' -> ('hopper', 'medium')."""
-    parts = dataset_id.split("/")
-    return parts[-2].lower() if len(parts) > 1 else "", re.sub(r"-v\d+$", "", parts[-1])
+def did_you_mean(name: str) -> str:
+    """' Did you mean X?' for the nearest D4RL name or local dataset id, or ''."""
+    known = [f"{env}-{q}-v2" for env, qualities in MINARI_HOSTS.items() for q in (*qualities, "medium-expert")]
+    close = difflib.get_close_matches(name, [*known, *minari.list_local_datasets()], n=1, cutoff=0.8)
+    return f" Did you mean {close[0]}?" if close else ""
 
 
 def load_data(env_id: str):
     """The Minari datasets behind --env-id, and all their transitions as flat, checked NumPy arrays."""
-    datasets = [load_minari(dataset_id) for dataset_id in resolve_dataset(env_id)]
+    datasets = [load_minari(dataset_id) for dataset_id in resolve_dataset(env_id)[0]]
     data = flatten_episodes(datasets)
     check_data(data, datasets[0].action_space)
     return datasets, data
@@ -851,60 +799,47 @@ def load_minari(dataset_id: str):
     if dataset_id in local:
         return minari.load_dataset(dataset_id)
     where = f"MINARI_DATASETS_PATH={os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}"
-    hint = make_dataset_hint(*dataset_name_parts(dataset_id))
-    if dataset_id.split("/")[0] not in REMOTE_NAMESPACES:  # nothing to download: say what is here
+    if dataset_id.split("/")[0] not in ("mujoco", "D4RL"):  # nothing to download: say what is here
         here = ", ".join(sorted(local)[:12]) + (", ..." if len(local) > 12 else "") if local else "none"
-        raise SystemExit(f"error: no dataset '{dataset_id}' on this machine ({where}; it has: {here}), and Minari "
-                         f"hosts no such id. Make it with {hint}.")
-    try:  # Minari's servers: fail fast and quietly when they cannot be reached
-        socket.create_connection(("huggingface.co", 443), timeout=5).close()
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        raise SystemExit(f"error: no dataset '{dataset_id}' on this machine ({where}; it has: {here})."
+                         f"{did_you_mean(dataset_id)} {make_locally(resolve_dataset(dataset_id)[1])}")
+    try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # no network, unknown remote ids, incompatible versions
-        raise SystemExit(
-            f"error: dataset '{dataset_id}' is not on this machine ({where}) and could not be downloaded "
-            f"({type(e).__name__}: {str(e)[:200]}). Download it where there is internet with `minari download "
-            f"{dataset_id}` and copy it to that folder, or make a local dataset with {hint}.")
+        raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine ({where}) and Minari could not "
+                         f"download it ({type(e).__name__}: {str(e)[:200]}). Download it where there is internet "
+                         f"with `minari download {dataset_id}` and copy it to that folder. "
+                         f"{make_locally(resolve_dataset(dataset_id)[1])}")
 
 
 def flatten_episodes(datasets) -> dict:
-    """Episodes -> flat arrays of transitions (obs, action, reward, next_obs, terminated, truncated)."""
-    keys = ("observations", "actions", "rewards", "next_observations", "terminations", "truncations")
-    columns = {k: [] for k in keys}
-    for dataset in datasets:
-        for episode in dataset.iterate_episodes():
-            if not isinstance(episode.observations, np.ndarray):
-                raise SystemExit(f"error: {dataset.spec.dataset_id} has structured (dict) observations; "
-                                 "this script needs flat Box observations.")
-            columns["observations"].append(episode.observations[:-1])
-            columns["next_observations"].append(episode.observations[1:])
-            columns["actions"].append(episode.actions)
-            columns["rewards"].append(episode.rewards)
-            columns["terminations"].append(episode.terminations)
-            # An episode that just stops (neither flag at its end) ends there all the same: as a truncation.
-            stops = np.zeros(len(episode.rewards), dtype=bool)
-            stops[-1] = not episode.terminations[-1]
-            columns["truncations"].append(np.asarray(episode.truncations, dtype=bool) | stops)
-    if not columns["rewards"] or sum(len(r) for r in columns["rewards"]) == 0:
+    """Episodes -> flat arrays of transitions (obs, action, reward, next_obs, terminated, truncated). An episode
+    that just stops (neither flag at its end) ends there all the same: as a truncation."""
+    episodes = [episode for dataset in datasets for episode in dataset.iterate_episodes()]
+    if not all(isinstance(e.observations, np.ndarray) for e in episodes):
+        raise SystemExit("error: the dataset has structured (dict) observations; this script needs flat Box ones.")
+    if sum(len(e.rewards) for e in episodes) == 0:
         raise SystemExit("error: the dataset holds no transitions.")
-    data = {k: np.concatenate(v) for k, v in columns.items()}
-    data["terminations"], data["truncations"] = data["terminations"].astype(bool), data["truncations"].astype(bool)
-    return data
+    truncations = [np.array(e.truncations, dtype=bool) for e in episodes]
+    for flags, episode in zip(truncations, episodes):
+        flags[-1] |= not episode.terminations[-1]
+    columns = {"observations": [e.observations[:-1] for e in episodes], "actions": [e.actions for e in episodes],
+               "rewards": [e.rewards for e in episodes], "next_observations": [e.observations[1:] for e in episodes],
+               "terminations": [np.asarray(e.terminations, dtype=bool) for e in episodes], "truncations": truncations}
+    return {k: np.concatenate(v) for k, v in columns.items()}
 
 
 def check_data(data: dict, action_space) -> None:
     """Refuse data that would silently poison training, with a message saying what is wrong."""
-    n = len(data["rewards"])
-    for key in ("observations", "actions", "next_observations", "terminations", "truncations"):
-        if len(data[key]) != n:
-            raise SystemExit(f"error: the dataset's {key} hold {len(data[key])} entries for {n} rewards; "
-                             "every transition needs one of each.")
-    for key in ("observations", "actions", "rewards", "next_observations"):
-        bad = ~np.isfinite(data[key].reshape(n, -1)).all(axis=1)
+    n, low, high = len(data["rewards"]), action_space.low, action_space.high
+    for key, values in data.items():
+        if len(values) != n:
+            raise SystemExit(f"error: the dataset's {key} hold {len(values)} entries for {n} rewards; every "
+                             "transition needs one of each.")
+        bad = ~np.isfinite(values.reshape(n, -1)).all(axis=1)
         if bad.any():
             raise SystemExit(f"error: the dataset's {key} contain NaN or infinite values at {bad.sum()} transitions "
                              f"(first at index {np.argmax(bad)}). Clean or drop those episodes.")
-    low, high = action_space.low, action_space.high
     if not (np.allclose(low, -high) and np.allclose(high, high.flat[0])):
         raise SystemExit(f"error: the action space [{low}, {high}] is not the same symmetric interval in every "
                          "coordinate, which the tanh actor (max_action * tanh) assumes; rescale the actions to "
@@ -915,25 +850,13 @@ def check_data(data: dict, action_space) -> None:
                          f"{high.max()}] (first at index {np.argmax(outside)}); a tanh actor cannot imitate them.")
 
 
+# ------------------------------------------------------------------------------------------------ the run
+REFRESH = 0.5 if sys.stderr.isatty() else 30  # seconds between progress redraws: a terminal, or a log file
+
+
 def progress_over(chunks, description):
-    """A bar for the passes over the whole dataset, which take minutes on a CPU for a million transitions."""
-    return tqdm(chunks, desc=description, unit="chunk", leave=False, disable=len(chunks) < 4,
-                mininterval=0.5 if sys.stderr.isatty() else 30)
-
-
-def evaluation_seed(seed: int, step: int) -> int:
-    """Episode i of the evaluation at `step` starts from env.reset(seed=evaluation_seed(seed, step) + i): the
-    same episodes for every run of one seed, and no seed's episodes repeat another seed's."""
-    return seed * 10**8 + step
-
-
-def make_eval_envs(dataset, num_envs):
-    try:
-        return [dataset.recover_environment(eval_env=True) for _ in range(num_envs)]
-    except Exception as e:
-        raise SystemExit(f"error: could not recover the evaluation environment of {dataset.spec.dataset_id} "
-                         f"({type(e).__name__}: {str(e)[:200]}). Install its environment package, or train "
-                         "without evaluation with --eval-episodes 0.")
+    """A bar for a pass over the whole dataset (seconds to minutes on a CPU for a million transitions)."""
+    return tqdm(chunks, desc=description, unit="chunk", leave=False, mininterval=REFRESH)
 
 
 def speed_up(steps, learner, device, args):
@@ -951,21 +874,24 @@ def speed_up(steps, learner, device, args):
 
 
 class CUDAGraphStep:
-    """--compile on a GPU: each call of an update step (its forward and backward passes, optimiser steps and
-    target updates) replays as one CUDA graph. A batch-256 update is a few hundred small kernels, and on a
-    GPU launching them, not running them, is what takes the time. The first calls of each kind of step (one
-    kind per value of its plain arguments, e.g. TD3's actor-update flag) run eagerly on a side stream, which
-    sets up the optimisers' state and the libraries; the next is captured; every later call copies its tensor
-    arguments (tensors, or dicts of them) into the graph's static inputs and replays it."""
+    """--compile on a GPU: each call of an update step (forward and backward passes, optimiser steps, target
+    updates) replays as one CUDA graph, since launching a batch-256 update's few hundred small kernels is what
+    takes the time. The first calls of each kind of step (one kind per value of its plain arguments, such as
+    TD3's actor-update flag) run eagerly on a side stream to set up the optimisers' state; the next is
+    captured; later calls copy their tensor arguments (tensors or dicts of them) into the graph's inputs."""
 
     def __init__(self, step, warmup_calls=3):
         self.step, self.warmup_calls, self.calls, self.graphs = step, warmup_calls, {}, {}
         self.side_stream = torch.cuda.Stream()
 
-    def __call__(self, *args):
-        tensor_args = lambda arg: isinstance(arg, torch.Tensor) or (isinstance(arg, dict) and all(
+    @staticmethod
+    def is_tensors(arg):
+        return isinstance(arg, torch.Tensor) or (isinstance(arg, dict) and all(
             isinstance(v, torch.Tensor) for v in arg.values()))
-        key = tuple(None if tensor_args(a) else a if isinstance(a, (bool, int, float, str)) else id(a) for a in args)
+
+    def __call__(self, *args):
+        key = tuple(None if self.is_tensors(a) else a if isinstance(a, (bool, int, float, str)) else id(a)
+                    for a in args)
         self.calls[key] = self.calls.get(key, 0) + 1
         if self.calls[key] <= self.warmup_calls:
             self.side_stream.wait_stream(torch.cuda.current_stream())
@@ -973,97 +899,75 @@ class CUDAGraphStep:
                 out = self.step(*args)
             torch.cuda.current_stream().wait_stream(self.side_stream)
             return out
-        copy = lambda arg: ({k: v.clone() for k, v in arg.items()} if isinstance(arg, dict) else arg.clone()) \
-            if tensor_args(arg) else arg
         if key not in self.graphs:
-            static_args, graph = [copy(a) for a in args], torch.cuda.CUDAGraph()
+            static_args = [({k: v.clone() for k, v in a.items()} if isinstance(a, dict) else a.clone())
+                           if self.is_tensors(a) else a for a in args]
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 static_out = self.step(*static_args)
             self.graphs[key] = graph, static_args, static_out
         graph, static_args, static_out = self.graphs[key]
         for static, arg in zip(static_args, args):
-            if isinstance(static, torch.Tensor):
-                static.copy_(arg)
-            elif tensor_args(static):
-                for name, value in static.items():
-                    value.copy_(arg[name])
+            for name, value in (static.items() if isinstance(static, dict) else [(None, static)]):
+                if isinstance(value, torch.Tensor):
+                    value.copy_(arg if name is None else arg[name])
         graph.replay()
         return static_out
 
 
 class Run:
-    """The run's bookkeeping around the training loop: the run directory, tensorboard (and W&B), the progress
-    bar, evaluation, checkpoints, resuming and interruptions. `end_step` does whatever is due after a step."""
+    """The run's bookkeeping around the training loop: its directory, tensorboard (and W&B), the progress bar,
+    evaluation, checkpoints and interruptions: SIGINT and SIGTERM wait for the current step, then the loop
+    saves a checkpoint and exits."""
 
-    def __init__(self, args, datasets, data, learner, sampler, obs_stats, checkpoint):
-        self.stop_signal, self.saving = None, False  # from here on, SIGINT and SIGTERM wait for the current step
+    def __init__(self, args, datasets, obs_stats, device, checkpoint, schedule):
+        self.args, self.dataset, self.device, self.stop_signal, self.saving = args, datasets[0], device, None, False
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self.on_signal)
-        self.args, self.datasets, self.data, self.learner, self.sampler = args, datasets, data, learner, sampler
-        self.device = data["rewards"].device
-        self.obs_mean, self.obs_std = obs_stats
-        self.obs_stats_t = [torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in obs_stats]
-        self.envs = make_eval_envs(datasets[0], args.eval_episodes) if args.eval_episodes > 0 else []
-        env_name = dataset_name_parts(datasets[0].spec.dataset_id)[0]
+        self.dataset_ids, (self.obs_mean, self.obs_std) = [d.spec.dataset_id for d in datasets], obs_stats
+        self.obs_stats = [torch.as_tensor(x, dtype=torch.float32, device=device) for x in obs_stats]
+        self.envs = [make_eval_env(self.dataset) for _ in range(args.eval_episodes)]
+        env_name = resolve_dataset(self.dataset_ids[0])[1]
         self.ignore_terminated_until = ADROIT_DEMO_LENGTHS.get(env_name, 0) if args.eval_protocol == "adroit" else 0
-        self.reference = score_reference(datasets[0])
-        run_name = args.run_name or "__".join([args.env_id.replace("/", "_"), Path(__file__).stem, str(args.seed),
-                                               str(int(time.time()))])
+        self.reference, self.final = score_reference(self.dataset), None
+        run_name = args.run_name or f"{args.env_id.replace('/', '_')}__{Path(__file__).stem}__{args.seed}__" \
+                                    f"{int(time.time())}"
         self.dir = args.resume or os.path.join("runs", run_name)
         if args.resume is None and os.path.isdir(self.dir) and os.listdir(self.dir):
             raise SystemExit(f"error: {self.dir} already holds a run. Continue it with --resume {self.dir}, or "
                              "choose another --run-name.")
-        self.start_step, self.wandb_id = 0, None
-        if checkpoint is not None:
-            restore(learner, checkpoint)
-            if not set_rng_states(checkpoint["rng"], sampler):
-                stream = np.random.SeedSequence([args.seed, 2, checkpoint["step"]])
-                sampler.manual_seed(int(stream.generate_state(1)[0]))
-                print("note: resuming on another kind of device: batch sampling continues from a new random stream, "
-                      "so the run is no longer bitwise the one it would have been")
-            self.start_step, self.wandb_id = checkpoint["step"], checkpoint.get("wandb_id")
-            print(f"resuming {self.dir} at step {self.start_step} ({checkpoint['phase']})")
         os.makedirs(self.dir, exist_ok=True)
+        self.start_step, self.phase = (checkpoint["step"], checkpoint["phase"]) if checkpoint else (0, None)
         score_note = (f"normalised with {self.reference[2]}: random {self.reference[0]:g}, expert {self.reference[1]:g}"
                       if self.reference else f"no reference returns for '{env_name}': logging returns only")
-        self.print_summary(score_note)
+        threads = torch.get_num_threads()
+        print((f"resuming {self.dir} at step {self.start_step} ({self.phase})\n" if checkpoint else "")
+              + f"{Path(__file__).name}: {' + '.join(self.dataset_ids)}, {sum(d.total_steps for d in datasets):,} "
+              f"transitions in {sum(d.total_episodes for d in datasets):,} episodes\n  {schedule}\n  device {device}"
+              + (f" ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else "")
+              + f", precision {args.precision}, compile {'on' if args.compile else 'off'}\n  evaluation every "
+              f"{args.eval_interval:,} steps on {args.eval_episodes} episodes; scores {score_note}\n  writing to "
+              f"{self.dir}", flush=True)
+        self.wandb_id = (checkpoint or {}).get("wandb_id") or os.urandom(6).hex()
         if args.track:
-            self.start_tracking(run_name)
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("error: --track logs to Weights & Biases, which is not installed: pip install wandb")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=self.wandb_id,
+                       resume="allow", config=asdict(args), sync_tensorboard=True, dir=self.dir)
         # purge_step drops events logged after the checkpoint, so a resumed run has no duplicated steps.
-        self.writer = SummaryWriter(self.dir, purge_step=self.start_step + 1 if args.resume else None)
-        # What ran, at every start (a resumed run may run on other code or hardware): benchmark_results/plot.py
-        # refuses to mix runs of different script versions in one figure.
-        table = {**asdict(args), **provenance(self.device)}
+        self.writer = SummaryWriter(self.dir, purge_step=self.start_step + 1 if checkpoint else None)
+        # What ran, at every start: benchmark_results/plot.py refuses to mix script versions in one figure.
+        table = {**asdict(args), "script_version": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                              "\n".join(f"|{k}|{v}|" for k, v in table.items()), self.start_step)
-        if args.resume is None:
+        if checkpoint is None:
             self.writer.add_text("eval/protocol", args.eval_protocol)
             self.writer.add_text("eval/score_reference", score_note)
-        self.metric_log = MetricLog(args.log_interval, self.device, self.start_step)
-        self.phase = phase_name(self.start_step, args)
-        self.progress = tqdm(total=args.total_steps, initial=self.start_step, unit="step", desc=self.phase,
-                             mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True)
-        self.last_time, self.last_step, self.final, self.saved_step = time.time(), self.start_step, None, None
-
-    def print_summary(self, score_note):
-        args = self.args
-        transitions, episodes = len(self.data["rewards"]), sum(d.total_episodes for d in self.datasets)
-        threads = f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""
-        print(f"{Path(__file__).name}: {' + '.join(d.spec.dataset_id for d in self.datasets)}, "
-              f"{transitions:,} transitions in {episodes:,} episodes\n"
-              f"  {schedule(args)}\n"
-              f"  device {self.device}{threads}, precision {args.precision}, compile {'on' if args.compile else 'off'}"
-              f"\n  evaluation every {args.eval_interval:,} steps on {args.eval_episodes} episodes; scores {score_note}"
-              f"\n  writing to {self.dir}", flush=True)
-
-    def start_tracking(self, run_name):
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("error: --track logs to Weights & Biases, which is not installed: pip install wandb")
-        self.wandb_id = self.wandb_id or os.urandom(6).hex()  # (not `random`: that would shift the seeded streams)
-        wandb.init(project=self.args.wandb_project_name, entity=self.args.wandb_entity, name=run_name,
-                   id=self.wandb_id, resume="allow", config=asdict(self.args), sync_tensorboard=True, dir=self.dir)
+        self.sums, self.counts, self.last_log = {}, {}, (time.time(), self.start_step)
+        self.progress = tqdm(total=args.total_steps, initial=self.start_step, unit="step", mininterval=REFRESH,
+                             miniters=1, dynamic_ncols=True)
 
     def on_signal(self, signum, frame):
         if self.stop_signal is not None and not self.saving and signum == signal.SIGINT:
@@ -1072,177 +976,125 @@ class Run:
             os._exit(130)
         self.stop_signal = signum  # acted on once the current update has finished
 
-    def end_step(self, step, metrics, targets):
-        args, done_steps = self.args, step + 1
-        self.metric_log.add(step, metrics)
-        try:
-            if done_steps % args.log_interval == 0 or done_steps == args.total_steps:
-                for name, value in self.metric_log.flush(done_steps).items():
-                    self.writer.add_scalar(name, value, done_steps)
-                self.writer.add_scalar("charts/SPS", (done_steps - self.last_step) / (time.time() - self.last_time),
-                                       done_steps)
-                self.last_time, self.last_step = time.time(), done_steps
-            if self.stop_signal or (args.checkpoint_interval and done_steps % args.checkpoint_interval == 0):
-                self.metric_log.check()  # never checkpoint a diverged model
-        except FloatingPointError as e:
-            raise SystemExit(f"error: {e}; stopping. The last good checkpoint in {self.dir} is intact; "
-                             "lower --learning-rate or check the data.")
-        if done_steps == handover_step(args) or (done_steps < handover_step(args) and
-                                                 done_steps % args.eval_interval == 0):
-            self.log_pretraining_fit(done_steps, targets["returns_to_go"])
-        if self.envs and (done_steps % args.eval_interval == 0 or done_steps == args.total_steps):
-            self.evaluate(done_steps)
-        if args.checkpoint_interval and done_steps % args.checkpoint_interval == 0:
-            self.save_checkpoint(done_steps, targets)  # after this step's logs and evaluation, which resuming keeps
+    def log(self, done, metrics, phase):
+        """Sum each step's metrics on the device (no host sync per step); every --log-interval steps write their
+        means, and stop the run if one became NaN or infinite."""
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+            self.counts[name] = self.counts.get(name, 0) + 1
+        if done % self.args.log_interval == 0 or done == self.args.total_steps:
+            for name, value in self.checked_sums(done).items():
+                self.writer.add_scalar(name, value / self.counts[name], done)
+            self.writer.add_scalar("charts/SPS", (done - self.last_log[1]) / (time.time() - self.last_log[0]), done)
+            self.sums, self.counts, self.last_log = {}, {}, (time.time(), done)
         self.progress.update(1)
-        if phase_name(done_steps, args) != self.phase and done_steps < args.total_steps:
-            self.phase = phase_name(done_steps, args)
-            self.progress.set_description(self.phase)
-        if self.stop_signal:
-            self.interrupt(done_steps, targets)
-        if done_steps == args.total_steps:
-            self.save_checkpoint(done_steps, targets)  # a finished run can be extended with --resume
+        if phase != self.phase:
+            self.phase = phase
+            self.progress.set_description(phase)
 
-    def log_pretraining_fit(self, done_steps, returns_to_go):
-        """How well pre-training fits (pretrain/*): along pre-training at every evaluation, and at the hand-over."""
-        fit = pretraining_fit(self.learner, self.data, returns_to_go, self.args)
+    def checked_sums(self, done) -> dict:
+        sums = {name: value.item() for name, value in self.sums.items()}
+        for name, value in sums.items():
+            if not math.isfinite(value):
+                raise SystemExit(f"error: {name} became {value} by step {done}; stopping. The last good checkpoint "
+                                 f"in {self.dir} is intact; lower --learning-rate or check the data.")
+        return sums
+
+    def log_fit(self, done, fit, handover):
+        """pretrain/*: how well pre-training fits, along pre-training and, with a line that says it, at the end."""
         fit = {name: value.item() for name, value in fit.items()}
         for name, value in fit.items():
-            self.writer.add_scalar(name, value, done_steps)
-        critics = (f"the critics explain {fit['pretrain/critic_explained_variance']:.1%} of their targets' variance "
-                   f"(mean Q {fit['pretrain/q_mean']:.1f}, mean target {fit['pretrain/target_mean']:.1f}); "
-                   if "pretrain/q_mean" in fit else "")
-        if done_steps == handover_step(self.args):
-            self.progress.write(f"pre-training done at step {done_steps}: {critics}"
-                                f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}; temperature "
-                                f"{fit['pretrain/alpha']:.3f}, policy entropy {fit['pretrain/entropy']:.2f}")
+            self.writer.add_scalar(name, value, done)
+        if not handover:
+            return
+        parts = [f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}"]
+        if "pretrain/q_mean" in fit:
+            explained = fit["pretrain/critic_explained_variance"]
+            parts.insert(0, f"the critics explain {explained:.1%} of their targets' variance (mean Q "
+                            f"{fit['pretrain/q_mean']:.1f}, mean target {fit['pretrain/target_mean']:.1f})" +
+                         (", so they have not fit their targets yet: pre-train longer, or pass --critic-init "
+                          "mean-target" if explained < 0.5 else ""))
+        if "pretrain/alpha" in fit:
+            parts.append(f"temperature {fit['pretrain/alpha']:.3f}, policy entropy {fit['pretrain/entropy']:.2f}")
+        self.progress.write(f"pre-training done at step {done}: {'; '.join(parts)}")
 
-    def evaluate(self, done_steps):
-        eval_start = time.time()
-        seed = evaluation_seed(self.args.seed, done_steps)
-        returns = evaluate(self.learner.actor, self.envs, *self.obs_stats_t, seed, self.ignore_terminated_until,
-                           self.device)
-        self.writer.add_scalar("eval/return", float(np.mean(returns)), done_steps)
+    def evaluate(self, done, actor):
+        if not self.envs:
+            return
+        self.progress.set_postfix_str("evaluating", refresh=True)
+        start = time.time()
+        returns = evaluate(actor, self.envs, *self.obs_stats, evaluation_seed(self.args.seed, done),
+                           self.ignore_terminated_until, self.device)
+        self.writer.add_scalar("eval/return", float(np.mean(returns)), done)
         if self.reference:
             self.final = ("normalised score", normalized_score(returns, self.reference))
-            self.writer.add_scalar("eval/normalized_score", self.final[1], done_steps)
+            self.writer.add_scalar("eval/normalized_score", self.final[1], done)
         else:
             self.final = ("return", float(np.mean(returns)))
-        self.writer.add_scalar("charts/eval_seconds", time.time() - eval_start, done_steps)
-        self.progress.set_postfix({"score" if self.reference else "return": f"{self.final[1]:.1f}"}, refresh=False)
-        self.progress.unpause()  # keep evaluation out of the bar's rate
-        self.last_time += time.time() - eval_start  # and out of the SPS figure
+        self.writer.add_scalar("charts/eval_seconds", time.time() - start, done)
+        self.progress.set_postfix({"score" if self.reference else "return": f"{self.final[1]:.1f}"})
+        self.last_log = (self.last_log[0] + time.time() - start, self.last_log[1])  # out of the SPS figure
 
-    def save_checkpoint(self, step, targets):
-        if self.saved_step == step:
-            return
+    def save_checkpoint(self, done, learner, sampler, **targets):
+        self.checked_sums(done)  # never checkpoint a diverged model
         self.saving = True  # a second Ctrl-C now waits for the save: the file is never half-written
-        save_atomic({**learner_state(self.learner), **targets, "step": step, "phase": phase_name(step, self.args),
-                     "rng": rng_states(self.sampler), "obs_mean": self.obs_mean, "obs_std": self.obs_std,
-                     "args": asdict(self.args), "wandb_id": self.wandb_id}, os.path.join(self.dir, "checkpoint.pt"))
-        self.saving, self.saved_step = False, step
+        state = {name: value.detach() if isinstance(value := getattr(learner, name), torch.Tensor)
+                 else value.state_dict() for name in (f.name for f in fields(learner))}
+        path = os.path.join(self.dir, "checkpoint.pt")
+        torch.save({**state, **targets, "step": done, "phase": self.phase, "rng": {"sampler": sampler.get_state()},
+                    "obs_mean": self.obs_mean, "obs_std": self.obs_std, "args": asdict(self.args),
+                    "wandb_id": self.wandb_id}, path + ".tmp")
+        os.replace(path + ".tmp", path)  # an interruption never leaves a half-written checkpoint
+        self.saving = False
 
-    def interrupt(self, done_steps, targets):
-        self.save_checkpoint(done_steps, targets)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)  # saved: further signals have nothing left to protect
-        self.writer.close()
+    def close(self, exit_code=0):
         self.progress.close()
+        self.writer.close()
         if self.args.track:
             import wandb
-            wandb.finish(exit_code=128 + self.stop_signal)
-        print(f"interrupted at step {done_steps}; continue with: python {os.path.relpath(__file__)} --resume "
-              f"{self.dir}", file=sys.stderr, flush=True)
+            wandb.finish(exit_code=exit_code)
+
+    def interrupt(self, done):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)  # saved: further signals have nothing left to protect
+        self.close(128 + self.stop_signal)
+        print(f"interrupted at step {done}; continue with: python {os.path.relpath(__file__)} --resume {self.dir}",
+              file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(128 + self.stop_signal)  # 130 for SIGINT, 143 for SIGTERM (os._exit: no teardown to interrupt)
 
-    def finish(self):
+    def finish(self, learner):
         """model.pt: the networks and what evaluating them needs, loadable with torch.load(weights_only=True)."""
-        self.progress.close()
-        learner = self.learner
         networks = {name: getattr(learner, name) for name in ("actor", "critic", "log_alpha") if hasattr(learner, name)}
         torch.save({**{name: net.detach() if isinstance(net, torch.Tensor) else net.state_dict()
                        for name, net in networks.items()},
-                    "script": Path(__file__).stem, "dataset_ids": [d.spec.dataset_id for d in self.datasets],
+                    "script": Path(__file__).stem, "dataset_ids": self.dataset_ids,
                     "max_action": learner.actor.max_action, "ignore_terminated_until": self.ignore_terminated_until,
                     "reference": list(self.reference) if self.reference else None,
                     "obs_mean": torch.as_tensor(self.obs_mean), "obs_std": torch.as_tensor(self.obs_std),
                     "args": asdict(self.args)}, os.path.join(self.dir, "model.pt"))
-        self.writer.close()
-        if self.args.track:
-            import wandb
-            wandb.finish()
+        self.close()
         final = f"; final {self.final[0]} {self.final[1]:.1f}" if self.final is not None else ""
         print(f"saved {os.path.join(self.dir, 'model.pt')}{final} (evaluate it: python common/evaluate.py {self.dir})")
 
 
-class MetricLog:
-    """Keeps each step's metrics on the device (no host sync per step); `flush` returns each metric's mean
-    over the steps that reported it. `check` stops the run, naming the metric and the exact step, if any
-    became NaN or infinite."""
-
-    def __init__(self, interval, device, start_step):
-        self.interval, self.start, self.device = interval, start_step, device
-        self.names, self.values = [], torch.zeros(interval, 0, device=device)
-        self.columns, self.counts = {}, {}  # per set of metric names (one per kind of step)
-
-    def add(self, step, metrics):
-        key = tuple(metrics)
-        if key not in self.columns:
-            new = [name for name in key if name not in self.names]
-            self.names += new
-            self.values = torch.cat([self.values, torch.zeros(self.interval, len(new), device=self.device)], 1)
-            self.columns[key] = torch.tensor([self.names.index(n) for n in key], device=self.device)
-            self.counts[key] = 0
-        self.values[step % self.interval, self.columns[key]] = torch.stack(list(metrics.values())).detach().float()
-        self.counts[key] += 1
-
-    def check(self):
-        bad = ~torch.isfinite(self.values)
-        if bad.any():
-            rows, cols = bad.nonzero(as_tuple=True)
-            steps = self.start + (rows - self.start) % self.interval  # the window's steps, in order
-            first = int(steps.argmin())
-            value = self.values[rows[first], cols[first]].item()
-            raise FloatingPointError(f"{self.names[cols[first]]} became {value} at step {int(steps[first]) + 1}")
-
-    def flush(self, step):
-        self.check()
-        counts = [sum(n for key, n in self.counts.items() if name in key) for name in self.names]
-        means = {name: total / count for name, total, count in zip(self.names, self.values.sum(0).tolist(), counts)
-                 if count}
-        self.values.zero_()
-        self.counts, self.start = dict.fromkeys(self.counts, 0), step
-        return means
+def evaluation_seed(seed: int, step: int) -> int:
+    """Episode i of the evaluation at `step` starts from env.reset(seed=evaluation_seed(seed, step) + i): the
+    same episodes for every run of one seed, and no seed's episodes repeat another seed's."""
+    return seed * 10**8 + step
 
 
-def provenance(device) -> dict:
-    """The code, packages and hardware a run ran on."""
-    source = Path(__file__).resolve()
+def make_eval_env(dataset):
     try:
-        commit = subprocess.run(["git", "-C", str(source.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "not a git checkout"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    packages = {name: importlib.metadata.version(name) for name in ("torch", "minari", "gymnasium", "mujoco", "numpy")
-                if importlib.util.find_spec(name)}
-    cpu = platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-                f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores")
-    return {"script_version": hashlib.sha256(source.read_bytes()).hexdigest()[:12], "git_commit": commit,
-            "packages": ", ".join(f"{k} {v}" for k, v in packages.items()), "hardware": hardware,
-            "torch_threads": torch.get_num_threads()}
+        return dataset.recover_environment(eval_env=True)
+    except Exception as e:
+        raise SystemExit(f"error: could not recover the evaluation environment of {dataset.spec.dataset_id} "
+                         f"({type(e).__name__}: {str(e)[:200]}). Install its environment package, or train "
+                         "without evaluation with --eval-episodes 0.")
 
 
-def learner_state(learner: Learner) -> dict:
-    return {field.name: value.detach() if isinstance(value := getattr(learner, field.name), torch.Tensor)
-            else value.state_dict() for field in fields(learner)}
-
-
-def restore(learner: Learner, checkpoint: dict) -> None:
+def restore(learner, sampler, checkpoint, args) -> None:
+    """A checkpoint's networks, optimiser states and batch sampler, for an exact continuation."""
     for field in fields(learner):
         value = getattr(learner, field.name)
         if isinstance(value, torch.Tensor):
@@ -1253,32 +1105,12 @@ def restore(learner: Learner, checkpoint: dict) -> None:
         value.load_state_dict(checkpoint[field.name])
         for group, flag_value in zip(getattr(value, "param_groups", []), capturable):
             group["capturable"] = flag_value  # this run's setting (--compile on a GPU), not the saved run's
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: an interruption never leaves a half-written file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def rng_states(sampler):
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "sampler": sampler.get_state()}
-
-
-def set_rng_states(states, sampler) -> bool:
-    """Restore every random state; False if the sampler's could not be (it was saved on another device type)."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    cuda = states["cuda"]
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    if states["sampler"].numel() != sampler.get_state().numel():
-        return False  # saved on another kind of device, whose generator state cannot be loaded here
-    sampler.set_state(states["sampler"])
-    return True
+    if checkpoint["rng"]["sampler"].numel() == sampler.get_state().numel():
+        sampler.set_state(checkpoint["rng"]["sampler"])
+    else:  # saved on another kind of device, whose generator state cannot be loaded here
+        sampler.manual_seed(int(np.random.SeedSequence([args.seed, 2, checkpoint["step"]]).generate_state(1)[0]))
+        print("note: resuming on another kind of device: batch sampling continues from a new random stream, so the "
+              "run is no longer bitwise the one it would have been")
 
 
 def leave_before_training(signum, frame):
@@ -1289,4 +1121,4 @@ def leave_before_training(signum, frame):
 if __name__ == "__main__":
     for signum in (signal.SIGINT, signal.SIGTERM):  # until the training loop takes them over
         signal.signal(signum, leave_before_training)
-    main(tyro.cli(Args), flags_given(sys.argv[1:]))
+    main(parse_args())

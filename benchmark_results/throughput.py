@@ -250,7 +250,7 @@ class PlainEDAC:
 # ------------------------------------------------------------------------------- this project's updates
 def project_update(module, data, device, precision, compile_networks, num_critics=None):
     """The RL-phase loop body of one of the scripts, as the script runs it: sampling on the device, the
-    update (targets included) and the on-device metric log."""
+    update (targets included) and the metrics summed on the device."""
     edac = hasattr(module, "edac_step")
     extra = dict(num_critics=num_critics, eta=1.0) if edac else dict(alpha=2.5)
     args = replace(module.Args(), precision=precision, compile=compile_networks, **extra)
@@ -259,7 +259,7 @@ def project_update(module, data, device, precision, compile_networks, num_critic
     # As the scripts do with --compile: CUDA graphs on a GPU, compiled networks elsewhere.
     step, = module.speed_up([module.edac_step if edac else module.td3bc_step], learner, device, args)
     sampler = torch.Generator(device=device).manual_seed(0)
-    metric_log = module.MetricLog(1000, device, 0)
+    sums = {}  # the metrics summed on the device, as the scripts' Run.log does between writes
     cql = hasattr(module, "cql_regulariser")
     state = {"step": 0}
 
@@ -274,7 +274,8 @@ def project_update(module, data, device, precision, compile_networks, num_critic
         else:
             noise = torch.randn(256, ACT_DIM, device=device, generator=sampler)
             metrics = step(learner, batch, noise, state["step"] % 2 == 0, args)
-        metric_log.add(state["step"], metrics)
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
         state["step"] += 1
 
     update.learner = learner

@@ -13,7 +13,9 @@ script saves on SIGTERM) and is requeued, to resume where it stopped.
     python common/sweep.py all --cluster slurm --partition gpu --gpus-per-job 1 --jobs 32 --timeout-min 720
 """
 
+import importlib.metadata
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -114,7 +116,7 @@ class Job:
         log.parent.mkdir(parents=True, exist_ok=True)
         command = run.command(self.runs_dir, self.threads)
         with open(log, "a") as out:
-            out.write(f"$ {shlex.join(command)}\n")
+            out.write(f"# {provenance()}\n$ {shlex.join(command)}\n")
             out.flush()
             env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONWARNINGS": "ignore"}
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -136,6 +138,26 @@ class Job:
             self.process.send_signal(signal.SIGTERM)  # the script saves and exits
             self.process.wait()
         return submitit.helpers.DelayedSubmission(Job(self.runs_dir, self.threads), run)
+
+
+def provenance() -> str:
+    """The code, packages and machine a run (re)starts on, for its log."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "not a git checkout"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    packages = []
+    for name in ("torch", "minari", "gymnasium", "mujoco", "numpy"):
+        try:
+            packages.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"commit {commit}; {', '.join(packages)}; {cpu}, {os.cpu_count()} cores"
 
 
 def slurm_parameters(args: Args) -> dict:

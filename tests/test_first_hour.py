@@ -126,7 +126,7 @@ def test_start_up_summary_and_threads(tiny_dataset, tmp_path):
     result = run_script("edac_pretrain.py", *flags("edac_pretrain.py", tiny_dataset, total=200, pretrain=100),
                         "--threads", 1, "--run-name", "summary", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for text in ("test/hopper/medium-v0, 795 transitions in 40 episodes", "device cpu (1 threads)",
+    for text in ("test/hopper/medium-v0, 795 transitions in 40 episodes", "device cpu (1 thread)",
                  "soft BC of the actor (50 steps), then the critics on soft returns (50 steps), then EDAC with N = 3",
                  "writing to runs/summary"):
         assert text in result.stdout, result.stdout
@@ -137,6 +137,8 @@ def test_start_up_summary_and_threads(tiny_dataset, tmp_path):
     (["--device", "cuda"], "sees no CUDA GPU here; use --device cpu"),
     (["--env-id", "local/hopper/medium-replay-v0"], "test/hopper/medium-v0"),  # it lists what is here
     (["--env-id", "walker2d-medium-replay-v2"], "python common/make_dataset.py --env-id Walker2d-v5"),
+    (["--env-id", "hopper-mediun-v2"], "Did you mean hopper-medium-v2?"),
+    (["--env-id", "test/hopper/mediun-v0"], "Did you mean test/hopper/medium-v0?"),
     (["--env-id", "test/hopper/medium-v0", "--total-steps", 100], "(10000, this dataset's default)"),
 ])
 def test_errors_say_what_to_do(args, expected, tiny_dataset, tmp_path):
@@ -150,10 +152,9 @@ def test_errors_say_what_to_do(args, expected, tiny_dataset, tmp_path):
     assert time.time() - started < 30  # no network retries for ids Minari does not host
 
 
-def test_missing_local_dataset_suggests_the_shortcut(tiny_dataset, tmp_path):
+def test_missing_local_dataset_says_how_to_make_it(tiny_dataset, tmp_path):
     result = run_script("td3bc_pretrain.py", "--env-id", "local/hopper/medium-v0", cwd=tmp_path)
-    assert "--medium-policy benchmark_results/behaviour_policies/hopper_medium.npz" in result.stderr
-    assert "then --env-id local/hopper/medium-v0" in result.stderr
+    assert "`python common/make_dataset.py --env-id Hopper-v5` writes local/hopper/medium-v0" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------- using the result

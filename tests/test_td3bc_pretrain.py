@@ -91,7 +91,7 @@ def test_evaluation_returns_match_a_hand_rolled_episode(tiny_dataset):
     torch.manual_seed(0)
     actor = module.Actor(11, 3, 1.0, 64, True)
     mean, std = torch.zeros(11), torch.ones(11)
-    envs = module.make_eval_envs(dataset, 2)
+    envs = [module.make_eval_env(dataset) for _ in range(2)]
     returns = module.evaluate(actor, envs, mean, std, seed=7, ignore_terminated_until=0, device="cpu")
     env = dataset.recover_environment(eval_env=True)
     for i in range(2):
