@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -163,10 +164,11 @@ def dataset_defaults(env_name: str, quality: str) -> dict:
 
 
 # ================================================================================================ networks
-def hidden_layers(in_dim: int, hidden_dim: int, depth: int, layernorm: bool) -> list:
+def hidden_layers(in_dim: int, hidden_dim: int, depth: int, layernorm: bool, linear=nn.Linear) -> list:
+    """depth x (linear layer, LayerNorm without affine parameters, ReLU)."""
     layers = []
     for i in range(depth):
-        layers += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim)]
+        layers += [linear(in_dim if i == 0 else hidden_dim, hidden_dim)]
         layers += [nn.LayerNorm(hidden_dim, elementwise_affine=False)] if layernorm else []
         layers += [nn.ReLU()]
     return layers
@@ -254,10 +256,6 @@ class Actor(nn.Module):
         mass = torch.special.log_ndtr((side * mean - math.atanh(saturation)) / log_std.exp())
         return torch.where(a.abs() >= saturation, mass, density).sum(-1)
 
-    def log_prob(self, obs, action, saturation=1.0):
-        """log pi(a|s) of given (dataset) actions; see data_log_prob for `saturation`."""
-        return self.data_log_prob(*self.distribution(obs), action, saturation)
-
     def deterministic(self, obs):
         return self.max_action * torch.tanh(self.distribution(obs)[0])
 
@@ -268,12 +266,8 @@ class Critic(nn.Module):
 
     def __init__(self, obs_dim, act_dim, hidden_dim, layernorm, num_critics, bf16=False):
         super().__init__()
-        layers = []
-        for i in range(3):
-            layers += [VectorizedLinear(obs_dim + act_dim if i == 0 else hidden_dim, hidden_dim, num_critics)]
-            layers += [nn.LayerNorm(hidden_dim, elementwise_affine=False)] if layernorm else []
-            layers += [nn.ReLU()]
-        self.trunk = nn.Sequential(*layers)
+        members = partial(VectorizedLinear, ensemble_size=num_critics)
+        self.trunk = nn.Sequential(*hidden_layers(obs_dim + act_dim, hidden_dim, 3, layernorm, members))
         self.head = VectorizedLinear(hidden_dim, 1, num_critics)
         edac_init(self.trunk, [self.head], bound=3e-3)
         self.num_critics, self.bf16 = num_critics, bf16

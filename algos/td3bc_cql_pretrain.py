@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -154,10 +155,11 @@ def dataset_defaults(env_name: str, quality: str) -> dict:
 
 
 # ================================================================================================ networks
-def hidden_layers(in_dim: int, hidden_dim: int, depth: int, layernorm: bool) -> list:
+def hidden_layers(in_dim: int, hidden_dim: int, depth: int, layernorm: bool, linear=nn.Linear) -> list:
+    """depth x (linear layer, LayerNorm without affine parameters, ReLU)."""
     layers = []
     for i in range(depth):
-        layers += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim)]
+        layers += [linear(in_dim if i == 0 else hidden_dim, hidden_dim)]
         layers += [nn.LayerNorm(hidden_dim, elementwise_affine=False)] if layernorm else []
         layers += [nn.ReLU()]
     return layers
@@ -205,12 +207,8 @@ class Critic(nn.Module):
 
     def __init__(self, obs_dim, act_dim, hidden_dim, layernorm, num_critics=2, bf16=False):
         super().__init__()
-        layers = []
-        for i in range(2):
-            layers += [VectorizedLinear(obs_dim + act_dim if i == 0 else hidden_dim, hidden_dim, num_critics)]
-            layers += [nn.LayerNorm(hidden_dim, elementwise_affine=False)] if layernorm else []
-            layers += [nn.ReLU()]
-        self.trunk = nn.Sequential(*layers)
+        members = partial(VectorizedLinear, ensemble_size=num_critics)
+        self.trunk = nn.Sequential(*hidden_layers(obs_dim + act_dim, hidden_dim, 2, layernorm, members))
         self.head = VectorizedLinear(hidden_dim, 1, num_critics)
         self.num_critics, self.bf16 = num_critics, bf16
 

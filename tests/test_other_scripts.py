@@ -53,11 +53,13 @@ def test_tanh_gaussian_log_prob_matches_numerical_change_of_variables():
         width = 1e-5
         lo, hi = (torch.atanh(torch.tensor((a + sign * width / 2) / 2.0, dtype=torch.float64)) for sign in (-1, 1))
         numeric = torch.log((normal.cdf(hi) - normal.cdf(lo)) / width).squeeze(-1)
-        torch.testing.assert_close(actor.log_prob(obs, action).double(), numeric, rtol=1e-4, atol=1e-4)
+        log_prob = actor.data_log_prob(*actor.distribution(obs), action, 1.0)
+        torch.testing.assert_close(log_prob.double(), numeric, rtol=1e-4, atol=1e-4)
     # The sampling path gives the same log-probability as evaluating its own action.
     noise = torch.randn(5, 1)
     action, log_prob = actor(obs, noise)
-    torch.testing.assert_close(log_prob, actor.log_prob(obs, action), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(log_prob, actor.data_log_prob(*actor.distribution(obs), action, 1.0), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_diversity_term_matches_a_loop_over_critic_pairs():
@@ -98,8 +100,8 @@ def test_soft_bc_raises_the_likelihood_of_dataset_actions(tiny_dataset, tmp_path
     trained = edac.Actor(obs.shape[1], actions.shape[1], 1.0, 256, True)
     trained.load_state_dict(model["actor"])
     with torch.no_grad():
-        before = initial.log_prob(obs_t, actions_t).mean().item()
-        after = trained.log_prob(obs_t, actions_t).mean().item()
+        before = initial.data_log_prob(*initial.distribution(obs_t), actions_t, 1.0).mean().item()
+        after = trained.data_log_prob(*trained.distribution(obs_t), actions_t, 1.0).mean().item()
     assert after > before + 2.0, (before, after)
     assert model["log_alpha"].item() != 0.0  # the temperature was tuned
 
