@@ -17,6 +17,8 @@ In your own code:
 """
 
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from tqdm import tqdm
 
 
 @dataclass
@@ -96,8 +99,9 @@ def load_policy(run_dir: str, device="cpu") -> Policy:
     return Policy(load_model(run_dir), device)
 
 
-def evaluate(policy, envs, seed, ignore_terminated_until=0):
-    """One episode in each env at once, one batched policy call per step; undiscounted returns."""
+def evaluate(policy, envs, seed, ignore_terminated_until=0, progress=None):
+    """One episode in each env at once, one batched policy call per step; undiscounted returns. `progress`, a
+    tqdm bar over the episodes, hears of every step and every finished episode."""
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     returns, done, steps = np.zeros(len(envs)), np.zeros(len(envs), dtype=bool), 0
     while not done.all():
@@ -107,6 +111,9 @@ def evaluate(policy, envs, seed, ignore_terminated_until=0):
             obs[i], reward, terminated, truncated, _ = envs[i].step(actions[i])
             returns[i] += reward
             done[i] = truncated or (terminated and steps >= ignore_terminated_until)
+        if progress is not None:
+            progress.set_postfix_str(f"step {steps}", refresh=False)
+            progress.update(int(done.sum()) - progress.n)
     return returns
 
 
@@ -121,10 +128,14 @@ def main(args: Args) -> None:
     envs = [dataset.recover_environment(eval_env=True, **render) for _ in range(args.episodes)]
     if args.capture_video:
         video_dir = os.path.join(args.run_dir, "videos")
+        # Every recorder writes to the one folder; all but the first would warn that it exists.
+        warnings.filterwarnings("ignore", message=".*Overwriting existing videos.*")
         envs = [gym.wrappers.RecordVideo(env, video_dir, name_prefix=f"seed{args.seed + i}",
                                          episode_trigger=lambda _: True, disable_logger=True)
                 for i, env in enumerate(envs)]
-    returns = evaluate(policy, envs, args.seed, model["ignore_terminated_until"])
+    what = "episodes, filmed" if args.capture_video else "episodes"
+    with tqdm(total=args.episodes, desc=what, unit="episode", mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+        returns = evaluate(policy, envs, args.seed, model["ignore_terminated_until"], bar)
     for env in envs:
         env.close()
     print(f"{model['script']} on {model['dataset_ids'][0]}, {args.episodes} episodes from seed {args.seed}: "
