@@ -34,6 +34,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -372,10 +373,11 @@ def train_ars(args, settings, env, work_dir):
     state_path = os.path.join(work_dir, "learner_state.pkl")
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
-    state = load_state(state_path)
+    state = load_state(state_path, args)
     if state is None:
         state = dict(
-            iteration=0, weights=np.zeros((act_dim, obs_dim)), stats=RunningStats(obs_dim),
+            made_by=learner_settings(args), iteration=0, weights=np.zeros((act_dim, obs_dim)),
+            stats=RunningStats(obs_dim),
             rng=np.random.default_rng(args.seed), replay=[], replay_done=False, history=[], env_steps=0,
         )
     rng = state["rng"]
@@ -486,9 +488,10 @@ def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
     columns = dict(observations=((obs_dim,), np.float64), next_observations=((obs_dim,), np.float64),
                    actions=((act_dim,), np.float32),
                    rewards=((), np.float64), terminations=((), bool), truncations=((), bool))
-    state = load_state(state_path)
+    state = load_state(state_path, args)
     if state is None:
-        state = dict(iteration=0, env_steps=0, next_eval=args.sac_eval_every, history=[], replay_done=False,
+        state = dict(made_by=learner_settings(args), iteration=0, env_steps=0, next_eval=args.sac_eval_every,
+                     history=[], replay_done=False,
                      episode_starts=[0], episode_seeds=[], rng=np.random.default_rng(args.seed))
     buffer_size = max(args.sac_max_steps, state["env_steps"])
     buffer = {k: np.zeros((buffer_size, *shape), dtype) for k, (shape, dtype) in columns.items()}
@@ -579,7 +582,8 @@ def train_sac(args, settings, env, work_dir, gamma=0.99, tau=0.005, lr=3e-4):
 
 def replay_until(state, buffer, level):
     """SAC's replay buffer, episode by episode, up to the first checkpoint at `level` (saved at an episode end)."""
-    medium = next(((steps, path) for _, steps, avg, path in state["history"] if avg >= level), None)
+    medium = next(((steps, path) for _, steps, avg, path in state["history"] if level is not None and avg >= level),
+                  None)
     if medium is None:
         return []
     starts, seeds, replay = state["episode_starts"], state["episode_seeds"], []
@@ -600,13 +604,25 @@ def save_state(path, state):
     os.replace(path + ".tmp", path)
 
 
-def load_state(path):
+def load_state(path, args):
+    """The learner state saved in --work-dir, refused if another protocol, seed or version made it."""
     if not os.path.exists(path):
         return None
     with open(path, "rb") as f:
         state = pickle.load(f)
+    # (States saved before settings were recorded, but in this version's format, are taken as they come.)
+    made_by = state.get("made_by") or (learner_settings(args) if all(len(h) == 4 for h in state["history"]) else {})
+    if made_by != learner_settings(args):
+        raise SystemExit(f"error: {path} holds a learner made with other settings "
+                         f"({made_by or 'by an earlier version'}, not {learner_settings(args)}); pass another "
+                         "--work-dir, or the same settings to resume it.")
     print(f"resuming the behaviour-policy learner after {state['env_steps']:,} environment steps ({path})")
     return state
+
+
+def learner_settings(args) -> dict:
+    """What a saved learner state must have been made with to be resumed."""
+    return dict(protocol=args.protocol, seed=args.seed, learner=args.learner, format=2)
 
 
 # ------------------------------------------------------------------------------- writing datasets
@@ -643,7 +659,11 @@ def write_dataset(args, name, episodes, algorithm, description, metadata):
     """Write <namespace>/<env>/<name>-v0 from episodes() (called only if the dataset is to be written); an
     interruption while writing leaves no half-written dataset behind."""
     dataset_id = f"{args.namespace}/{env_short_name(args.env_id)}/{name}-v0"
-    if dataset_id in minari.list_local_datasets():
+    local = minari.list_local_datasets()
+    if dataset_id in local and "average_episode_return" not in local[dataset_id]:
+        print(f"{dataset_id} was left unfinished by an interrupted run; writing it again")
+        minari.delete_dataset(dataset_id)
+    elif dataset_id in local:
         if not args.overwrite:
             print(f"{dataset_id} exists; skipping (pass --overwrite to rewrite it)")
             return dataset_id
@@ -689,6 +709,7 @@ def trained_policies(args, settings, env, work_dir):
 
 
 def main(args: Args) -> None:
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up as Ctrl-C does
     env = gym.make(args.env_id)
     if not isinstance(env.action_space, gym.spaces.Box):
         raise SystemExit(f"error: {args.env_id} has a {type(env.action_space).__name__} action space; "
@@ -705,6 +726,9 @@ def main(args: Args) -> None:
     work_dir = os.path.join(args.work_dir, env_short_name(args.env_id))
     os.makedirs(work_dir, exist_ok=True)
     started = time.time()
+    if args.expert_policy is not None and args.medium_policy is None:
+        raise SystemExit("error: --expert-policy needs --medium-policy (medium-expert-v0 holds both); pass both, or "
+                         "neither to train the policies.")
     if args.medium_policy is not None:
         replay, checkpoints = None, {"medium": args.medium_policy}
         if args.expert_policy is not None:
@@ -714,15 +738,13 @@ def main(args: Args) -> None:
     policies = {name: load_policy(path, env, args) for name, path in checkpoints.items()}
 
     note = f"A D4RL-style dataset made locally by common/make_dataset.py on {args.env_id} (Gymnasium MuJoCo). "
-    kind = "SAC policy, sampled actions" if args.protocol == "sampled" else \
-        f"{'ARS V2-t linear' if args.learner == 'ars' else 'SAC'} policy + N(0, {args.action_noise}^2) action noise"
     if args.random_size > 0:
         def random_episodes():
             env.action_space.seed(args.seed)
             return collect(env, lambda obs: env.action_space.sample(), args.random_size, args.seed + 1, "random")
         write_dataset(args, "random", random_episodes, "uniformly random actions", note + "Uniformly random actions.",
                       {"policy_checkpoint": "none"})
-    if replay is not None:
+    if replay is not None and "medium" in checkpoints:
         learner = "ARS V2-t" if args.learner == "ars" else "SAC"
         what = "its perturbed policies' rollouts" if args.learner == "ars" else "its whole replay buffer"
         write_dataset(args, "medium-replay", lambda: replay, learner,
@@ -730,6 +752,9 @@ def main(args: Args) -> None:
                       {"policy_checkpoint": checkpoints["medium"]})
     written = {}
     for name, (policy, saved) in policies.items():
+        learner = "ARS V2-t linear" if isinstance(policy, LinearPolicy) else "SAC"
+        kind = "SAC policy, sampled actions" if args.protocol == "sampled" else \
+            f"{learner} policy + N(0, {args.action_noise}^2) action noise"
         metadata = {"policy_checkpoint": checkpoints[name], "policy_return": saved.get("avg_return", "unknown"),
                     "policy_env_steps": saved.get("env_steps", "unknown")}
 
@@ -742,7 +767,8 @@ def main(args: Args) -> None:
         written[name] = write_dataset(args, name, episodes, kind, note + f"The {name}-level {kind}.", metadata)
     if set(written) == {"medium", "expert"}:
         write_dataset(args, "medium-expert", lambda: stored_episodes(written["medium"]) +
-                      stored_episodes(written["expert"]), kind, note + "medium-v0 and expert-v0 together.",
+                      stored_episodes(written["expert"]), "medium and expert together",
+                      note + "medium-v0 and expert-v0 together.",
                       {"policy_checkpoint": f"{checkpoints['medium']} + {checkpoints['expert']}"})
     print(f"done in {time.time() - started:.0f} s; datasets under {minari.storage.get_dataset_path()}")
 

@@ -199,6 +199,7 @@ def test_medium_policy_rebuilds_the_dataset_bitwise(made_by_sac, tmp_path):
     ("Walker2d-v5", ("--protocol", "mean-plus-noise", "--medium-policy", str(OLD_POLICIES / "hopper_medium.npz")),
      "does not fit Walker2d-v5"),
     ("Hopper-v5", ("--learner", "ars"), "add --protocol mean-plus-noise"),
+    ("Hopper-v5", ("--expert-policy", "SAC"), "--expert-policy needs --medium-policy"),
     ("Hopper-v5", ("--medium-return", "100000", "--sac-random-steps", "100", "--sac-max-steps", "300",
                    "--sac-eval-every", "100", "--sac-hidden", "16"), "Re-run with a larger --sac-max-steps"),
 ])
@@ -229,3 +230,10 @@ def test_an_algos_script_trains_on_a_made_dataset(made, tmp_path):
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "runs" / "made" / "model.pt").exists()
+
+
+def test_a_learner_saved_with_other_settings_is_not_resumed(made_by_sac):
+    work_dir, _, _ = made_by_sac
+    _, result = make("mkother", work_dir, "--learner", "sac", "--seed", "1", "--sac-hidden", "32", check=False)
+    assert result.returncode != 0 and "holds a learner made with other settings" in result.stderr
+    assert "Traceback" not in result.stderr
