@@ -406,7 +406,7 @@ def main(args: Args) -> None:
         if (args.checkpoint_interval and done % args.checkpoint_interval == 0) or done == args.total_steps \
                 or run.stop_signal:
             run.save_checkpoint(done, learner, sampler, returns_to_go=returns_to_go)
-        if run.stop_signal:
+        if run.stop_signal and done < args.total_steps:  # at the last step, finishing beats interrupting
             run.interrupt(done)
     run.finish(learner)
 
@@ -503,11 +503,13 @@ def prepare_args(args: Args):
     """The run's arguments with the dataset's defaults filled in and checked, and its checkpoint when resuming."""
     checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
     if checkpoint is not None:
-        saved = checkpoint["args"]
+        saved, defaults = checkpoint["args"], asdict(Args())
+        if args.pretrain_steps is None:  # main(Args(...)) from Python: the flags that differ from a default are given
+            args = Args(**{**saved, **{k: v for k, v in asdict(args).items() if v != defaults[k]}})
         for key, value in asdict(args).items():
-            if key not in RESUMABLE and key != "resume" and value != saved[key]:
+            if key not in RESUMABLE and key != "resume" and value != saved.get(key, defaults[key]):
                 raise SystemExit(f"error: --{key.replace('_', '-')} cannot change when resuming (the run has "
-                                 f"{saved[key]!r}, given {value!r}); only "
+                                 f"{saved.get(key, defaults[key])!r}, given {value!r}); only "
                                  f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can. Start a new run "
                                  "for other settings.")
         if args.total_steps <= checkpoint["step"]:
@@ -559,6 +561,12 @@ def setup_device(args: Args) -> torch.device:
                          "use --device cpu (or auto, which picks a GPU when there is one).")
     if args.threads:
         torch.set_num_threads(args.threads)
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    fast_bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else \
+        capabilities.get("avx512_bf16", False) or capabilities.get("amx_bf16", False)
+    if args.precision == "bf16" and not fast_bf16:
+        print(f"note: this {device.type} has no fast bf16 matmuls; training in fp32")
+        args.precision = "fp32"
     return device
 
 
@@ -647,7 +655,8 @@ def flatten_episodes(datasets) -> dict:
     that just stops (neither flag at its end) ends there all the same: as a truncation."""
     episodes = [episode for dataset in datasets for episode in dataset.iterate_episodes()]
     if not all(isinstance(e.observations, np.ndarray) for e in episodes):
-        raise SystemExit("error: the dataset has structured (dict) observations; this script needs flat Box ones.")
+        raise SystemExit(f"error: {' + '.join(d.spec.dataset_id for d in datasets)} has structured (dict) "
+                         "observations; this script needs flat Box ones.")
     if sum(len(e.rewards) for e in episodes) == 0:
         raise SystemExit("error: the dataset holds no transitions.")
     truncations = [np.array(e.truncations, dtype=bool) for e in episodes]
@@ -750,8 +759,8 @@ class Run:
 
     def __init__(self, args, datasets, obs_stats, device, checkpoint, schedule):
         self.args, self.dataset, self.device, self.stop_signal, self.saving = args, datasets[0], device, None, False
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.on_signal)
+        self.previous_handlers = {signum: signal.signal(signum, self.on_signal) for signum in (signal.SIGINT,
+                                                                                               signal.SIGTERM)}
         self.dataset_ids, (self.obs_mean, self.obs_std) = [d.spec.dataset_id for d in datasets], obs_stats
         self.obs_stats = [torch.as_tensor(x, dtype=torch.float32, device=device) for x in obs_stats]
         self.envs = [make_eval_env(self.dataset) for _ in range(args.eval_episodes)]
@@ -794,8 +803,8 @@ class Run:
             self.writer.add_text("eval/protocol", args.eval_protocol)
             self.writer.add_text("eval/score_reference", score_note)
         self.sums, self.counts, self.last_log = {}, {}, (time.time(), self.start_step)
-        self.progress = tqdm(total=args.total_steps, initial=self.start_step, unit="step", mininterval=REFRESH,
-                             miniters=1, dynamic_ncols=True)
+        self.progress = tqdm(total=args.total_steps, initial=self.start_step, desc=self.phase, unit="step",
+                             mininterval=REFRESH, miniters=1, dynamic_ncols=True)
 
     def on_signal(self, signum, frame):
         if self.stop_signal is not None and not self.saving and signum == signal.SIGINT:
@@ -805,14 +814,19 @@ class Run:
         self.stop_signal = signum  # acted on once the current update has finished
 
     def log(self, done, metrics, phase):
-        """Sum each step's metrics on the device (no host sync per step); every --log-interval steps write their
-        means, and stop the run if one became NaN or infinite."""
-        for name, value in metrics.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
-            self.counts[name] = self.counts.get(name, 0) + 1
+        """Sum each step's metrics on the device, one stacked tensor per set of metrics (no host sync per step);
+        every --log-interval steps write their means, and stop the run if one became NaN or infinite."""
+        names, values = tuple(metrics), torch.stack(list(metrics.values())).detach().float()
+        self.sums[names] = self.sums[names] + values if names in self.sums else values
+        self.counts[names] = self.counts.get(names, 0) + 1
         if done % self.args.log_interval == 0 or done == self.args.total_steps:
-            for name, value in self.checked_sums(done).items():
-                self.writer.add_scalar(name, value / self.counts[name], done)
+            totals, counts = {}, {}
+            for names, sums in self.checked_sums(done).items():
+                for name, value in zip(names, sums):
+                    totals[name] = totals.get(name, 0.0) + value
+                    counts[name] = counts.get(name, 0) + self.counts[names]
+            for name, total in totals.items():
+                self.writer.add_scalar(name, total / counts[name], done)
             self.writer.add_scalar("charts/SPS", (done - self.last_log[1]) / (time.time() - self.last_log[0]), done)
             self.sums, self.counts, self.last_log = {}, {}, (time.time(), done)
         self.progress.update(1)
@@ -821,11 +835,12 @@ class Run:
             self.progress.set_description(phase)
 
     def checked_sums(self, done) -> dict:
-        sums = {name: value.item() for name, value in self.sums.items()}
-        for name, value in sums.items():
-            if not math.isfinite(value):
-                raise SystemExit(f"error: {name} became {value} by step {done}; stopping. The last good checkpoint "
-                                 f"in {self.dir} is intact; lower --learning-rate or check the data.")
+        sums = {names: values.tolist() for names, values in self.sums.items()}
+        for names, values in sums.items():
+            for name, value in zip(names, values):
+                if not math.isfinite(value):
+                    raise SystemExit(f"error: {name} became {value} by step {done}; stopping. The last good "
+                                     f"checkpoint in {self.dir} is intact; lower --learning-rate or check the data.")
         return sums
 
     def log_fit(self, done, fit, handover):
@@ -849,6 +864,7 @@ class Run:
     def evaluate(self, done, actor):
         if not self.envs:
             return
+        self.checked_sums(done)  # never evaluate a diverged actor
         self.progress.set_postfix_str("evaluating", refresh=True)
         start = time.time()
         returns = evaluate(actor, self.envs, *self.obs_stats, evaluation_seed(self.args.seed, done),
@@ -876,6 +892,8 @@ class Run:
         self.saving = False
 
     def close(self, exit_code=0):
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
         self.progress.close()
         self.writer.close()
         if self.args.track:
