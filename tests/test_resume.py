@@ -13,7 +13,7 @@ import pytest
 import torch
 from minari.data_collector import EpisodeBuffer
 
-from conftest import REPO, TIME_LIMIT, load_script, make_tiny_dataset, scalars
+from conftest import REPO, TIME_LIMIT, load_script, make_tiny_dataset, run_script, scalars
 
 TOTAL, PRETRAIN = 400, 200
 
@@ -132,3 +132,15 @@ def test_exploding_loss_stops_the_run_with_a_message(minari_path, tmp_path):
     assert result.returncode != 0
     assert "losses/pretrain_critic became inf by step 10" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs" / "nan" / "checkpoint.pt").exists()
+
+
+def test_main_called_from_python_resumes_with_the_runs_own_settings(tiny_dataset, tmp_path, monkeypatch):
+    """Only the flags that differ from their defaults count as given, as on the command line."""
+    flags = ["--env-id", tiny_dataset, "--total-steps", 200, "--pretrain-steps", 100, "--hidden-dim", 64,
+             "--eval-episodes", 0, "--alpha", 3.0, "--run-name", "py"]
+    assert run_script("td3bc_pretrain.py", *flags, cwd=tmp_path).returncode == 0
+    module = load_script("td3bc_pretrain.py")
+    monkeypatch.chdir(tmp_path)
+    module.main(module.Args(resume=str(tmp_path / "runs" / "py"), total_steps=300, threads=1))
+    checkpoint = torch.load(tmp_path / "runs" / "py" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 300 and checkpoint["args"]["alpha"] == 3.0 and checkpoint["args"]["hidden_dim"] == 64
