@@ -137,7 +137,7 @@ class Args:
     wandb_project_name: str = "first-imitate-then-improve"
     """W&B project, with --track"""
     wandb_entity: Optional[str] = None
-    """W&B team or user, with --track (default: your default entity)"""
+    """W&B team or user, with --track (None: your W&B default)"""
 
 
 # Per-dataset settings of the paper's authors: TD3+BC's alpha, budgets, pre-training steps.

@@ -234,6 +234,18 @@ def last_line(error: Exception) -> str:
     return lines[-1].strip() if lines else str(error).strip().splitlines()[-1]
 
 
+def warn_missing_datasets(runs) -> None:
+    """Name the local datasets the runs need that this machine does not have (each run would fail at once)."""
+    import minari
+
+    needed = {run.flags[run.flags.index("--env-id") + 1] for run in runs}
+    missing = sorted(d for d in needed if "/" in d and d.split("/")[0] not in ("mujoco", "D4RL")
+                     and d not in minari.list_local_datasets())
+    if missing:
+        print(f"warning: {len(missing)} dataset(s) these runs need are not on this machine: {', '.join(missing)}. "
+              "Make them first: benchmark_results/README.md, 'How to reproduce', has the commands.")
+
+
 def main(args: Args) -> None:
     with open(args.experiments_file, "rb") as f:
         experiments = tomllib.load(f)
@@ -245,6 +257,7 @@ def main(args: Args) -> None:
     print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run "
           f"({sum((runs_dir / r.name / 'checkpoint.pt').exists() for r in todo)} of them resume)")
     folder = runs_dir / ".submitit"
+    warn_missing_datasets(todo)
     if args.dry_run:
         for run in todo:
             print(shlex.join(run.command(str(runs_dir), args.threads)))
