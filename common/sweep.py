@@ -40,6 +40,8 @@ class Args:
     """the TOML file that declares the experiments"""
     seeds: Optional[tuple[int, ...]] = None
     """only these seeds of each experiment (default: all it declares)"""
+    datasets: Optional[tuple[str, ...]] = None
+    """only the runs on these datasets (default: all it declares)"""
     jobs: int = 2
     """runs at a time: local processes, or SLURM's array parallelism"""
     threads: int = 1
@@ -252,6 +254,8 @@ def main(args: Args) -> None:
     runs = expand(experiments, args.experiments)
     if args.seeds is not None:
         runs = [run for run in runs if int(run.name.rsplit("__s", 1)[1]) in args.seeds]
+    if args.datasets is not None:
+        runs = [run for run in runs if run.flags[run.flags.index("--env-id") + 1] in args.datasets]
     runs_dir = (Path(args.work_dir) / "runs").resolve()
     todo = [run for run in runs if not (runs_dir / run.name / "model.pt").exists()]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run "
