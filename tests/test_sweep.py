@@ -138,3 +138,15 @@ def test_preemption_checkpoints_the_run_and_requeues_it(grid, tmp_path):
     assert job.process.returncode == 143 and (tmp_path / "runs" / run.name / "checkpoint.pt").exists()
     assert requeued.args == (run,) and isinstance(requeued.function, module.Job)
     assert "--resume" in run.command(str(tmp_path / "runs"), 1)  # what the requeued job will run
+
+
+def test_datasets_and_seeds_select_runs_of_the_grid(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[g]\nscript = "td3bc_pretrain.py"\ndatasets = ["a/x/medium-v0", "b/y/medium-v0"]\n'
+                    'seeds = [0, 1]\nconditions = { c = "" }\n')
+    result = subprocess.run([sys.executable, str(REPO / "common" / "sweep.py"), "g", "--experiments-file", str(grid),
+                             "--datasets", "b/y/medium-v0", "--seeds", "1", "--dry-run", "--work-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    commands = [line for line in result.stdout.splitlines() if "--run-name" in line]
+    assert result.returncode == 0 and len(commands) == 1 and "g/c__b-y-medium-v0__s1" in commands[0]
+    assert "warning: 2 dataset(s)" not in result.stdout and "b/y/medium-v0" in result.stdout.split("\n")[1]
