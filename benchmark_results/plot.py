@@ -40,12 +40,16 @@ FIT_STEPS = (1000, 2000, 5000, 10000, 20000)  # where critic_fit's table looks; 
 # experiment -> (title, baseline condition, tags to export). Experiments not listed here use the first
 # condition declared as the baseline.
 FIGURES = {
+    "first_look": ("a first look on data made as D4RL made it (1 seed)", "td3bc_scratch", (SCORE,)),
+    "sampled_hopper_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "sampled_walker2d_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "sampled_halfcheetah_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "sampled_precision": ("EDAC in fp32 vs bf16", "edac_fp32", (SCORE,)),
+    "sampled_halfcheetah_edac": ("EDAC: pre-trained vs from scratch", "scratch", (SCORE, "charts/entropy")),
+    "halfcheetah_edac_old_data": ("EDAC from scratch on the earlier data: the control", "scratch",
+                                  (SCORE, "charts/entropy")),
     "hopper_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "hopper_td3bc_alpha2.5": ("TD3+BC with alpha 2.5: pre-trained vs from scratch", "scratch", (SCORE,)),
-    "walker2d_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
-    "halfcheetah_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
-    "sac_hopper_td3bc": ("TD3+BC on SAC-made hopper-medium", "scratch", (SCORE,)),
-    "halfcheetah_edac": ("EDAC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "data_limited_edac": ("EDAC vs EDAC+BC on 24 episodes", "edac", (SCORE,)),
     "lambda": ("lambda of the pre-training targets (lambda-returns after the fix)", "lam0", (SCORE,)),
     "critic_fit": ("critic fit along pre-training, --critic-init", "td3bc_paper", FIT),
@@ -60,6 +64,8 @@ FIGURES = {
     "layernorm": ("where LayerNorm is (pre-trained actor and critics)", "both", (SCORE,)),
     "data_limited_td3bc": ("TD3+BC vs TD3+BC+CQL on 24 episodes", "td3bc", (SCORE,)),
 }
+PROTOCOLS = {"sampled": "sampled from a SAC policy", "mean-plus-noise": "mean action + N(0, 0.1²), clipped",
+             "d4rl": "sampled from a SAC policy (D4RL)"}
 COLUMNS = ["condition", "dataset", "seed", "step", "tag", "value", "script", "script_version", "finished"]
 
 
@@ -71,6 +77,8 @@ class Args:
     """draw figures whose runs come from different versions of a script"""
     reps: int = 2000
     """bootstrap resamples for every confidence interval"""
+    runs_dir: str = str(ROOT / "runs")
+    """where --export finds the runs (common/sweep.py's <work-dir>/runs)"""
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -90,13 +98,13 @@ def run_versions(events) -> str:
     return "+".join(sorted(set(versions))) or "unrecorded"
 
 
-def export(experiment, runs):
+def export(experiment, runs, runs_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rows, tags = [], FIGURES.get(experiment, ("", "", (SCORE,)))[2]
     tags = (*tags, *(tag for tag in FIT if tag not in tags))  # every experiment's fit at the hand-over
     for run in runs:
-        run_dir = ROOT / "runs" / run.name
+        run_dir = Path(runs_dir) / run.name
         if not run_dir.exists():
             continue
         events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
@@ -114,19 +122,31 @@ def export(experiment, runs):
     print(f"wrote data/{experiment}.csv ({len(rows)} values)")
 
 
+DATASET_COLUMNS = ["dataset", "data_protocol", "episodes", "transitions", "average_return",
+                   "average_normalized_score", "behaviour_action_std", "at_bound_fraction", "policy_return"]
+
+
 def export_datasets():
-    """Size and average episode return of every local dataset, read from Minari."""
+    """Every local dataset, read from Minari: its size, average episode return and normalised score, how its
+    actions were made (data_protocol), the behaviour policy's action std at a state (make_dataset.py measured
+    it on the dataset's states) and the fraction of action coordinates with |a| >= 0.999."""
     import minari
 
     rows = []
     for dataset_id in sorted(d for d in minari.list_local_datasets() if d.startswith("local")):
         dataset = minari.load_dataset(dataset_id)
         returns = np.array([float(e.rewards.sum()) for e in dataset.iterate_episodes()])
-        rows.append((dataset_id, dataset.total_episodes, dataset.total_steps, round(float(returns.mean()), 1),
-                     round(float(100 * np.mean(minari.get_normalized_score(dataset, returns))), 1)))
+        actions = np.concatenate([e.actions for e in dataset.iterate_episodes()])
+        metadata = dataset.storage.metadata
+        spread, policy_return = metadata.get("behaviour_action_std"), metadata.get("policy_return")
+        rows.append((dataset_id, metadata.get("data_protocol", "mean-plus-noise"), dataset.total_episodes,
+                     dataset.total_steps, round(float(returns.mean()), 1),
+                     round(float(100 * np.mean(minari.get_normalized_score(dataset, returns))), 1),
+                     "" if spread is None else round(float(spread), 3),
+                     round(float(np.mean(np.abs(actions) >= 0.999)), 4),
+                     "" if not isinstance(policy_return, float) else round(policy_return, 1)))
     with open(HERE / "data" / "datasets.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["dataset", "episodes", "transitions", "average_return",
-                                  "average_normalized_score"], *rows])
+        csv.writer(f).writerows([DATASET_COLUMNS, *rows])
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -200,6 +220,13 @@ def fmt_steps(value):
     return "-" if value is None else f"{value / 1000:g}k"
 
 
+def data_protocol(dataset: str) -> str:
+    """How a dataset's actions were made, from its name as the CSVs write it (local-hopper-medium-v0)."""
+    if dataset.startswith("local-noise"):
+        return "mean-plus-noise"
+    return "sampled" if dataset.startswith("local-") else dataset.split("-", 1)[0]
+
+
 def analyse(experiment, args):
     title, baseline, tags = FIGURES.get(experiment, (experiment, None, (SCORE,)))
     table, rng = load(HERE / "data" / f"{experiment}.csv"), np.random.default_rng(0)
@@ -236,7 +263,8 @@ def analyse(experiment, args):
                 if same_steps and condition != baseline else None
             final, final_low, final_high = final_iqm_interval(scores[:, -1], args.reps)
             peak = int(np.argmax(center))  # the best evaluation of the IQM curve: a collapse shows beside the final
-            rows.append(dict(experiment=experiment, dataset=dataset, condition=condition, seeds=len(scores),
+            rows.append(dict(experiment=experiment, dataset=dataset, data_protocol=data_protocol(dataset),
+                             condition=condition, seeds=len(scores),
                              finished_seeds=len(conditions[condition][2]), total_steps=int(steps[-1]),
                              final_score_mean=round(float(scores[:, -1].mean()), 2),
                              final_score_std=round(float(scores[:, -1].std()), 2),
@@ -271,6 +299,33 @@ def analyse(experiment, args):
                    f"| final mean ± std | P(better than {baseline}) [95 % CI] | steps to 90 % of the best final IQM "
                    "[95 % CI] |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
     return rows, header + fit_table(table, FIT_STEPS if FIT[0] in tags else None)
+
+
+def data_comparison(args, pairs=(("hopper_td3bc", "earlier data: mean action + noise"),
+                                 ("sampled_hopper_td3bc", "data made as D4RL made it"))):
+    """One figure with TD3+BC pre-trained and from scratch on hopper-medium made both ways, side by side."""
+    tables = [(load(HERE / "data" / f"{name}.csv"), name, label) for name, label in pairs
+              if (HERE / "data" / f"{name}.csv").exists()]
+    if len(tables) < 2:
+        return ""
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.6 * len(tables), 4.0), sharey=True, squeeze=False)
+    for ax, (table, name, label) in zip(axes.flat, tables):
+        for (dataset, tag), conditions in sorted(table.items()):
+            for condition, (by_seed, _, _) in conditions.items() if tag == SCORE else ():
+                steps, scores, center, (low, high) = curve_with_interval(by_seed, args.reps, rng)
+                ax.plot(steps, center, label=f"{condition} ({len(scores)} seeds)")
+                ax.fill_between(steps, low, high, alpha=0.2)
+        ax.set_title(f"{label}\n({name})", fontsize=9)
+        ax.set_xlabel("gradient steps (pre-training included)")
+        ax.legend(fontsize=7)
+    axes.flat[0].set_ylabel("normalised score (IQM, 95 % CI)")
+    fig.suptitle("TD3+BC on hopper-medium: the same comparison on data made two ways", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(HERE / "hopper_data_compared.png", dpi=100)
+    plt.close(fig)
+    return ("### hopper-medium made two ways\n\n![hopper_data_compared](hopper_data_compared.png)\n\nThe panels "
+            "draw the experiments' own curves (tables above and below).\n")
 
 
 def fit_table(table, at_steps):
@@ -347,15 +402,24 @@ def runs_table(experiments, data_dir):
 
 
 def datasets_table():
-    path = HERE / "data" / "datasets.csv"
-    if not path.exists():
+    """Our datasets beside what D4RL reports of its own (data/d4rl_reference.csv), environment by environment."""
+    rows = []
+    for name, source in (("datasets.csv", "here"), ("d4rl_reference.csv", "D4RL")):
+        if (HERE / "data" / name).exists():
+            with open(HERE / "data" / name) as f:
+                rows += [{**row, "source": source} for row in csv.DictReader(f)]
+    if not rows:
         return ""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return "\n".join(["| dataset | episodes | transitions | average return | average normalised score |",
-                      "|---|---|---|---|---|", *(f"| {r['dataset']} | {r['episodes']} | {r['transitions']} | "
-                                                 f"{r['average_return']} | {r['average_normalized_score']} |"
-                                                 for r in rows)]) + "\n"
+    order = {"sampled": 0, "d4rl": 1, "mean-plus-noise": 2}
+    rows.sort(key=lambda r: (r["dataset"].split("/")[1], r["dataset"].split("/")[2].rsplit("-v", 1)[0],
+                             order.get(r["data_protocol"], 3), r["dataset"]))
+    cells = ("episodes", "transitions", "average_return", "average_normalized_score", "behaviour_action_std",
+             "at_bound_fraction")
+    return "\n".join([
+        "| dataset | actions | episodes | transitions | average return | normalised score | behaviour policy's action "
+        "std | share of action coordinates with abs(a) >= 0.999 |", "|---|---|---|---|---|---|---|---|",
+        *(f"| {r['dataset']} | {PROTOCOLS.get(r['data_protocol'], r['data_protocol'])} | "
+          + " | ".join(r[c] or "-" for c in cells) + " |" for r in rows)]) + "\n"
 
 
 def main(args: Args) -> None:
@@ -364,7 +428,7 @@ def main(args: Args) -> None:
     if args.export:
         export_datasets()
         for experiment in experiments:
-            export(experiment, expand(experiments, (experiment,)))
+            export(experiment, expand(experiments, (experiment,)), args.runs_dir)
     summary, sections = [], [datasets_table()]
     for experiment in experiments:
         if (HERE / "data" / f"{experiment}.csv").exists():
@@ -372,6 +436,7 @@ def main(args: Args) -> None:
             summary += rows
             sections.append(section)
             print(f"drew {experiment}.png")
+    sections.insert(1, data_comparison(args))
     if summary:
         with open(HERE / "summary.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(summary[0]))

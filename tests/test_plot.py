@@ -87,3 +87,28 @@ def test_runs_table_says_how_far_each_experiment_got(tmp_path):
     assert table[2] == ("| `long` | 6 runs: 2 conditions, seeds 0, 1, 2; 200k steps | 4 runs (seeds 0, 1), "
                         "2 finished; logged up to step 40k-200k |")
     assert table[3] == "| `unrun` | 2 runs: 2 conditions, seeds 0; 1k / 3k steps | not started |"
+
+
+def test_datasets_table_puts_each_dataset_beside_the_earlier_one_and_d4rls(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    rows = [plot.DATASET_COLUMNS,
+            ["local-noise/hopper/medium-v0", "mean-plus-noise", 1686, 1000232, 1713.1, 53.3, 0.08, 0.05, ""],
+            ["local/hopper/medium-v0", "sampled", 2000, 1000000, 1400.0, 43.7, 0.2, 0.001, 1410.5],
+            ["local/halfcheetah/medium-v0", "sampled", 1000, 1000000, 4970.4, 42.3, 0.109, 0.0025, 4971.1]]
+    with open(tmp_path / "data" / "datasets.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with open(tmp_path / "data" / "d4rl_reference.csv", "w", newline="") as f:
+        csv.writer(f).writerows([plot.DATASET_COLUMNS, ["d4rl/hopper/medium-v2", "d4rl", "", 1000000, "",
+                                                        "about 40-45", "", "none exactly at ±1", ""]])
+    monkeypatch.setattr(plot, "HERE", tmp_path)
+    lines = [line for line in plot.datasets_table().splitlines() if line.startswith("| local") or "d4rl/" in line]
+    assert [line.split(" | ")[0][2:] for line in lines] == [
+        "local/halfcheetah/medium-v0", "local/hopper/medium-v0", "d4rl/hopper/medium-v2", "local-noise/hopper/medium-v0"]
+    assert "| about 40-45 | - | none exactly at ±1 |" in lines[2]
+    assert "mean action + N(0, 0.1²), clipped" in lines[3] and "| 0.08 | 0.05 |" in lines[3]
+
+
+def test_data_protocol_follows_the_namespace():
+    assert plot.data_protocol("local-noise-100k-hopper-medium-v0") == "mean-plus-noise"
+    assert plot.data_protocol("local-hopper-medium-v0") == "sampled"
+    assert plot.data_protocol("mujoco-hopper-medium-v0") == "mujoco"
