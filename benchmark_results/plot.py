@@ -401,6 +401,14 @@ def runs_table(experiments, data_dir):
     return "\n".join(lines) + "\n"
 
 
+def action_source(row) -> str:
+    if row["dataset"].endswith("/random-v0"):
+        return "uniformly random"
+    if "medium-replay" in row["dataset"]:
+        return "SAC's replay buffer" if row["data_protocol"] == "sampled" else "the learner's rollouts"
+    return PROTOCOLS.get(row["data_protocol"], row["data_protocol"])
+
+
 def datasets_table():
     """Our datasets beside what D4RL reports of its own (data/d4rl_reference.csv), environment by environment."""
     rows = []
@@ -418,7 +426,7 @@ def datasets_table():
     return "\n".join([
         "| dataset | actions | episodes | transitions | average return | normalised score | behaviour policy's action "
         "std | share of action coordinates with abs(a) >= 0.999 |", "|---|---|---|---|---|---|---|---|",
-        *(f"| {r['dataset']} | {PROTOCOLS.get(r['data_protocol'], r['data_protocol'])} | "
+        *(f"| {r['dataset']} | {action_source(r)} | "
           + " | ".join(r[c] or "-" for c in cells) + " |" for r in rows)]) + "\n"
 
 
