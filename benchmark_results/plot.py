@@ -135,8 +135,9 @@ def export_datasets():
     rows = []
     for dataset_id in sorted(d for d in minari.list_local_datasets() if d.startswith("local")):
         dataset = minari.load_dataset(dataset_id)
-        returns = np.array([float(e.rewards.sum()) for e in dataset.iterate_episodes()])
-        actions = np.concatenate([e.actions for e in dataset.iterate_episodes()])
+        episodes = list(dataset.iterate_episodes())  # one pass over the file for returns and actions alike
+        returns = np.array([float(e.rewards.sum()) for e in episodes])
+        actions = np.concatenate([e.actions for e in episodes])
         metadata = dataset.storage.metadata
         spread, policy_return = metadata.get("behaviour_action_std"), metadata.get("policy_return")
         rows.append((dataset_id, metadata.get("data_protocol", "mean-plus-noise"), dataset.total_episodes,
@@ -220,6 +221,14 @@ def fmt_steps(value):
     return "-" if value is None else f"{value / 1000:g}k"
 
 
+def draw(ax, condition, curve):
+    """A condition's IQM curve and its 95 % band; returns the curve."""
+    steps, scores, center, (low, high) = curve
+    ax.plot(steps, center, label=f"{condition} ({len(scores)} seeds)")
+    ax.fill_between(steps, low, high, alpha=0.2)
+    return curve
+
+
 def data_protocol(dataset: str) -> str:
     """How a dataset's actions were made, from its name as the CSVs write it (local-hopper-medium-v0)."""
     if dataset.startswith("local-noise"):
@@ -250,9 +259,8 @@ def analyse(experiment, args):
                              "train identically.")
         curves = {c: curve_with_interval(v[0], args.reps, rng) for c, v in conditions.items()}
         best_final = max(curve[2][-1] for curve in curves.values())
-        for condition, (steps, scores, center, (low, high)) in curves.items():
-            ax.plot(steps, center, label=f"{condition} ({len(scores)} seeds)")
-            ax.fill_between(steps, low, high, alpha=0.2)
+        for condition, curve in curves.items():
+            steps, scores, center, _ = draw(ax, condition, curve)
             if tag != SCORE:
                 continue
             to_90 = steps_to(steps, center, 0.9 * best_final)
@@ -313,9 +321,7 @@ def data_comparison(args, pairs=(("hopper_td3bc", "earlier data: mean action + n
     for ax, (table, name, label) in zip(axes.flat, tables):
         for (dataset, tag), conditions in sorted(table.items()):
             for condition, (by_seed, _, _) in conditions.items() if tag == SCORE else ():
-                steps, scores, center, (low, high) = curve_with_interval(by_seed, args.reps, rng)
-                ax.plot(steps, center, label=f"{condition} ({len(scores)} seeds)")
-                ax.fill_between(steps, low, high, alpha=0.2)
+                draw(ax, condition, curve_with_interval(by_seed, args.reps, rng))
         ax.set_title(f"{label}\n({name})", fontsize=9)
         ax.set_xlabel("gradient steps (pre-training included)")
         ax.legend(fontsize=7)
