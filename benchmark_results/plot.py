@@ -198,6 +198,7 @@ def steps_to_interval(steps, scores, threshold, reps, rng):
 
 def final_iqm_interval(final_scores, reps):
     """rliable's IQM of the final scores over seeds and its 95 % stratified-bootstrap interval."""
+    np.random.seed(0)  # part of the bootstrap draws from the global generator: the same interval every time
     from rliable import library, metrics
 
     point, interval = library.get_interval_estimates({"x": final_scores[:, None]},
@@ -208,6 +209,7 @@ def final_iqm_interval(final_scores, reps):
 
 def probability_of_improvement(x, y, reps):
     """rliable's P(X > Y) on the final scores, and its 95 % stratified-bootstrap interval."""
+    np.random.seed(0)  # part of the bootstrap draws from the global generator: the same interval every time
     from rliable import library, metrics
 
     point, interval = library.get_interval_estimates({"p": (x[:, None], y[:, None])},
