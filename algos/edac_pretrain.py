@@ -21,6 +21,7 @@ Usage:
     python algos/edac_pretrain.py --resume runs/<run-name>    # continue an interrupted run exactly
 """
 
+import copy
 import difflib
 import hashlib
 import math
@@ -69,10 +70,9 @@ class Args:
     lam: float = 0.0
     """lambda of the critics' pre-training targets: 0 is pure Monte-Carlo, 1 is one-step TD"""
     lambda_refresh_interval: int = 10000
-    """with --lam > 0: the critics fit the Monte-Carlo returns for this many steps before the first
-    lambda-returns are computed from the target networks, and these are recomputed every this many steps.
-    Lambda-returns take the level of the critics they bootstrap from, and with --critic-init paper critics
-    need about 10k steps to reach the level of the returns; with mean-target 2k-5k are enough"""
+    """with --lam > 0: the critics fit the Monte-Carlo returns this many steps before the first lambda-returns
+    (which bootstrap from them), then these are recomputed every this many steps (2k-5k suit --critic-init
+    mean-target)"""
     critic_init: Literal["paper", "mean-target"] = "paper"
     """paper: the usual initialisation; mean-target: each critic's output bias starts at the mean of its
     pre-training targets (the soft returns), so pre-training fits the shape of Q, not its level (when the
@@ -115,19 +115,17 @@ class Args:
     checkpoint_interval: int = 50_000
     """save a resumable checkpoint every this many steps (0: only when interrupted and at the end)"""
     resume: Optional[str] = None
-    """continue the run saved in this run directory, with its own settings; --total-steps (to extend it), the
-    evaluation, logging and checkpoint settings, --threads, --device, --compile and tracking may change (other
-    threads, devices or --compile change the last bits of the arithmetic, so the run is then no longer exact)"""
+    """continue the run saved in this run directory, with its own settings; only --total-steps (to extend it),
+    evaluation, logging, checkpoint, device and tracking flags may change (the latter three break exactness)"""
     run_name: Optional[str] = None
     """name of the run directory under runs/ (default: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
     """torch device: auto picks cuda when available"""
     threads: Optional[int] = None
-    """torch CPU threads (default: torch's, one per core); on a machine shared with other jobs, give each run
-    its share, e.g. 1 per run when running two on two cores"""
+    """torch CPU threads (default: one per core); give each of several runs on one machine its share"""
     compile: bool = False
-    """on GPUs, replay each update step as one CUDA graph (a batch-256 update is bound by kernel launches); on
-    CPUs, compile the networks with torch.compile"""
+    """replay each update step as one CUDA graph on GPUs (small updates are bound by kernel launches);
+    torch.compile the networks on CPUs"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: the hidden layers' matmuls in bf16, everything else in fp32 (faster on CPUs with bf16 units)"""
     track: bool = False
@@ -175,9 +173,9 @@ def hidden_layers(in_dim: int, hidden_dim: int, depth: int, layernorm: bool, lin
 
 
 def low_precision(x, enabled):
-    """With --precision bf16, the hidden layers' matmuls run in bf16 (about twice as fast on CPUs with bf16
-    units); weights, optimiser states and the output layers stay fp32, since a Q of 300 in bf16 has a
-    resolution of 2, as large as a reward. LayerNorm computes its statistics in fp32 either way."""
+    """With --precision bf16, the hidden layers' matmuls run in bf16; weights, optimiser states and the output
+    layers stay fp32, since a Q of 300 in bf16 has a resolution of 2, as large as a reward. LayerNorm computes
+    its statistics in fp32 either way."""
     return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
@@ -298,9 +296,7 @@ def make_learner(obs_dim, act_dim, max_action, args, device) -> Learner:
     bf16 = args.precision == "bf16"
     actor = Actor(obs_dim, act_dim, max_action, args.hidden_dim, args.actor_layernorm, bf16=bf16).to(device)
     critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm, args.num_critics, bf16=bf16).to(device)
-    target_critic = Critic(obs_dim, act_dim, args.hidden_dim, args.critic_layernorm, args.num_critics,
-                           bf16=bf16).to(device)
-    target_critic.load_state_dict(critic.state_dict())
+    target_critic = copy.deepcopy(critic)
     log_alpha = torch.zeros((), device=device, requires_grad=True)
     # Fused Adam: one kernel updates all of a network's parameters (CPU and GPU alike).
     # (capturable: the optimisers' step counts stay on the GPU, so that a CUDA graph can replay their steps.)
@@ -468,8 +464,6 @@ def edac_step(learner, batch, noise, next_noise, args):
             "values/target": td_target.mean(), "charts/alpha": alpha, "charts/entropy": -log_prob.detach().mean()}
 
 
-
-
 # ================================================================================================ training loop
 def schedule(args) -> str:
     actor_end, pretrain_end = pretrain_phases(args)
@@ -615,12 +609,10 @@ def pretraining_fit(learner, data, returns_to_go, args, sample_size=10_000):
                 "pretrain/target_mean": target.mean()}
     return fit
 
-
-
 # ================================================================================================ plumbing
 # Everything below serves the algorithm above without being part of it: arguments and resuming, the device,
-# the dataset (names, loading, checks), and the run's bookkeeping (logs, evaluation, checkpoints, signals).
-# The text is the same in all four scripts of algos/, but for check_args and speed_up.
+# the dataset, and the run's bookkeeping (logs, evaluation, checkpoints, signals). The text is the same in all
+# four scripts of algos/, but for check_args and speed_up.
 
 # Flags a resumed run may change (to extend it, or to run it elsewhere); any other stays as the run began.
 RESUMABLE = ("total_steps", "eval_interval", "eval_episodes", "checkpoint_interval", "log_interval", "threads",
@@ -628,13 +620,12 @@ RESUMABLE = ("total_steps", "eval_interval", "eval_episodes", "checkpoint_interv
 
 
 def parse_args() -> Args:
-    """The command line. With --resume, the saved run's arguments are the defaults, so a flag given changes
-    only itself."""
+    """The command line. With --resume, the saved run's arguments are the defaults: a flag given changes only
+    itself."""
     args = tyro.cli(Args)
     if args.resume is None:
         return args
-    saved = Args(**{**load_checkpoint(args.resume)["args"], "resume": args.resume})
-    return tyro.cli(Args, default=saved)
+    return tyro.cli(Args, default=Args(**{**load_checkpoint(args.resume)["args"], "resume": args.resume}))
 
 
 def load_checkpoint(run_dir: str) -> dict:
@@ -649,52 +640,44 @@ def prepare_args(args: Args):
     """The run's arguments with the dataset's defaults filled in and checked, and its checkpoint when resuming."""
     checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
     if checkpoint is not None:
-        saved, defaults = checkpoint["args"], asdict(Args())
+        saved, defaults, step = checkpoint["args"], asdict(Args()), checkpoint["step"]
         if args.pretrain_steps is None:  # main(Args(...)) from Python: the flags that differ from a default are given
             args = Args(**{**saved, **{k: v for k, v in asdict(args).items() if v != defaults[k]}})
         for key, value in asdict(args).items():
-            if key not in RESUMABLE and key != "resume" and value != saved.get(key, defaults[key]):
+            if key not in (*RESUMABLE, "resume") and value != saved.get(key, defaults[key]):
                 raise SystemExit(f"error: --{key.replace('_', '-')} cannot change when resuming (the run has "
                                  f"{saved.get(key, defaults[key])!r}, given {value!r}); only "
-                                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can. Start a new run "
-                                 "for other settings.")
-        if args.total_steps <= checkpoint["step"]:
-            raise SystemExit(f"error: the run in {args.resume} has finished its {args.total_steps} steps; pass a "
-                             "larger --total-steps to continue it." if args.total_steps == checkpoint["step"] else
-                             f"error: the run is at step {checkpoint['step']}; --total-steps {args.total_steps} would "
-                             "end it before that.")
+                                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can.")
+        if args.total_steps <= step:
+            raise SystemExit(f"error: the run in {args.resume} has finished its {step} steps; pass a larger "
+                             "--total-steps to continue it." if args.total_steps == step else f"error: the run is at "
+                             f"step {step}; --total-steps {args.total_steps} would end it before that.")
     _, env_name, quality = resolve_dataset(args.env_id)
-    defaulted = {key for key in dataset_defaults(env_name, quality) if getattr(args, key) is None}
-    args = replace(args, **{key: dataset_defaults(env_name, quality)[key] for key in defaulted})
-    if args.pretrain == "none":
-        args.pretrain_steps = 0
-    check_args(args, defaulted)
+    defaults = {k: v for k, v in dataset_defaults(env_name, quality).items() if getattr(args, k) is None}
+    args = replace(args, **{**defaults, **({"pretrain_steps": 0} if args.pretrain == "none" else {})})
+    check_args(args, defaulted=set(defaults))
     return args, checkpoint
 
 
 def check_args(args: Args, defaulted) -> None:
     """Refuse bad flags before anything runs, saying what to pass instead; `defaulted` names the settings that
     came from the dataset's defaults rather than from the command line."""
-    positive = ("total_steps", "batch_size", "hidden_dim", "eval_interval", "log_interval", "entropy_samples",
-                "lambda_refresh_interval")
-    problems = [f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}" for name in positive
-                if getattr(args, name) <= 0]
-    problems += [f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}" for name in
-                 ("pretrain_steps", "eval_episodes", "checkpoint_interval", "threads")
-                 if (getattr(args, name) or 0) < 0]
-    if not 0.0 <= args.lam <= 1.0:
-        problems.append(f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}")
-    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma < 1.0 or args.learning_rate <= 0:
-        problems.append("--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive")
-    if args.num_critics < 2:
-        problems.append(f"--num-critics must be at least 2 (EDAC's diversity term compares critics), "
-                        f"got {args.num_critics}")
-    if args.eta < 0:
-        problems.append(f"--eta must not be negative, got {args.eta}")
-    if not 0.0 <= args.actor_pretrain_fraction <= 1.0:
-        problems.append(f"--actor-pretrain-fraction must lie in [0, 1], got {args.actor_pretrain_fraction}")
-    if not 0.0 < args.action_saturation <= 1.0:
-        problems.append(f"--action-saturation must lie in (0, 1], got {args.action_saturation}")
+    problems = [f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}" for name in (
+        "total_steps", "batch_size", "hidden_dim", "eval_interval", "log_interval", "entropy_samples",
+        "lambda_refresh_interval") if getattr(args, name) <= 0]
+    problems += [f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}" for name in (
+        "pretrain_steps", "eval_episodes", "checkpoint_interval", "threads") if (getattr(args, name) or 0) < 0]
+    problems += [rule for rule, holds in {
+        f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}": 0 <= args.lam <= 1,
+        "--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive":
+            0 < args.tau <= 1 and 0 <= args.gamma < 1 and args.learning_rate > 0,
+        f"--num-critics must be at least 2 (EDAC's diversity term compares critics), got {args.num_critics}":
+            args.num_critics >= 2,
+        f"--eta must not be negative, got {args.eta}": args.eta >= 0,
+        f"--actor-pretrain-fraction must lie in [0, 1], got {args.actor_pretrain_fraction}":
+            0 <= args.actor_pretrain_fraction <= 1,
+        f"--action-saturation must lie in (0, 1], got {args.action_saturation}": 0 < args.action_saturation <= 1,
+    }.items() if not holds]
     if args.pretrain_steps > args.total_steps:
         source = {key: ", this dataset's default" if key in defaulted else "" for key in ("pretrain_steps",
                                                                                          "total_steps")}
@@ -707,8 +690,8 @@ def check_args(args: Args, defaulted) -> None:
 
 def setup_device(args: Args) -> torch.device:
     try:
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(auto if args.device == "auto" else args.device)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
     except RuntimeError as e:
         raise SystemExit(f"error: --device {args.device}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -716,9 +699,8 @@ def setup_device(args: Args) -> torch.device:
                          "use --device cpu (or auto, which picks a GPU when there is one).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    fast_bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else \
-        capabilities.get("avx512_bf16", False) or capabilities.get("amx_bf16", False)
+    fast_bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else any(
+        getattr(torch.cpu, "get_capabilities", dict)().get(unit, False) for unit in ("avx512_bf16", "amx_bf16"))
     if args.precision == "bf16" and not fast_bf16:
         print(f"note: this {device.type} has no fast bf16 matmuls; training in fp32")
         args.precision = "fp32"
@@ -736,8 +718,7 @@ def make_sampler(seed: int, device) -> torch.Generator:
 # ------------------------------------------------------------------------------------------------ datasets
 D4RL_NAME = re.compile(r"^(?P<env>[a-z0-9]+)-(?P<quality>[a-z-]+?)-v\d+$")
 D4RL_QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay", "human", "cloned")
-MINARI_HOSTS = {"halfcheetah": ("simple", "medium", "expert"), "hopper": ("simple", "medium", "expert"),
-                "walker2d": ("simple", "medium", "expert"), "ant": ("simple", "medium", "expert"),
+MINARI_HOSTS = {**{env: ("simple", "medium", "expert") for env in ("halfcheetah", "hopper", "walker2d", "ant")},
                 **{env: ("human", "cloned", "expert") for env in ADROIT_DEMO_LENGTHS}}
 
 
@@ -746,21 +727,19 @@ def resolve_dataset(env_id: str):
     (medium-expert to two of them); a Minari id passes through."""
     if "/" in env_id:
         parts = env_id.split("/")
-        return [env_id], parts[-2].lower() if len(parts) > 1 else "", re.sub(r"-v\d+$", "", parts[-1])
+        return [env_id], parts[-2].lower(), re.sub(r"-v\d+$", "", parts[-1])
     match = D4RL_NAME.match(env_id)
     if match is None:
         raise SystemExit(f"error: '{env_id}' is neither a D4RL name like hopper-medium-v2 nor a Minari dataset id "
                          f"like mujoco/hopper/medium-v0.{did_you_mean(env_id)} Pass one of those to --env-id.")
     env_name, quality = match["env"], match["quality"]
     hosted = MINARI_HOSTS.get(env_name, ())
-    namespace, version = ("D4RL", "v2") if env_name in ADROIT_DEMO_LENGTHS else ("mujoco", "v0")
-    if quality in hosted:
-        return [f"{namespace}/{env_name}/{quality}-{version}"], env_name, quality
-    if quality == "medium-expert" and "medium" in hosted:
-        return [f"{namespace}/{env_name}/{q}-{version}" for q in ("medium", "expert")], env_name, quality
-    typo = did_you_mean(env_id) if quality not in D4RL_QUALITIES else ""
-    raise SystemExit(f"error: Minari does not host the D4RL dataset '{env_id}'.{typo} It hosts "
-                     + (", ".join(f"{namespace}/{env_name}/{q}-{version}" for q in hosted) if hosted else
+    prefix = f"D4RL/{env_name}/{{}}-v2" if env_name in ADROIT_DEMO_LENGTHS else f"mujoco/{env_name}/{{}}-v0"
+    if quality in hosted or (quality == "medium-expert" and "medium" in hosted):
+        return [prefix.format(q) for q in ([quality] if quality in hosted else ["medium", "expert"])], env_name, quality
+    raise SystemExit(f"error: Minari does not host the D4RL dataset '{env_id}'."
+                     f"{did_you_mean(env_id) if quality not in D4RL_QUALITIES else ''} It hosts "
+                     + (", ".join(prefix.format(q) for q in hosted) if hosted else
                         "mujoco/<env>/{simple,medium,expert}-v0 and D4RL/<adroit task>/{human,cloned,expert}-v2")
                      + f". {make_locally(env_name)}")
 
@@ -788,20 +767,17 @@ def load_data(env_id: str):
 
 
 def load_minari(dataset_id: str):
-    local = minari.list_local_datasets()
-    if dataset_id in local:
-        return minari.load_dataset(dataset_id)
-    where = f"MINARI_DATASETS_PATH={os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}"
-    if dataset_id.split("/")[0] not in ("mujoco", "D4RL"):  # nothing to download: say what is here
+    local, where = minari.list_local_datasets(), os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    if dataset_id not in local and dataset_id.split("/")[0] not in ("mujoco", "D4RL"):  # no download: say what is here
         here = ", ".join(sorted(local)[:12]) + (", ..." if len(local) > 12 else "") if local else "none"
-        raise SystemExit(f"error: no dataset '{dataset_id}' on this machine ({where}; it has: {here})."
-                         f"{did_you_mean(dataset_id)} {make_locally(resolve_dataset(dataset_id)[1])}")
+        raise SystemExit(f"error: no dataset '{dataset_id}' on this machine (MINARI_DATASETS_PATH={where}; it has: "
+                         f"{here}).{did_you_mean(dataset_id)} {make_locally(resolve_dataset(dataset_id)[1])}")
     try:
-        return minari.load_dataset(dataset_id, download=True)
-    except Exception as e:  # no network, unknown remote ids, incompatible versions
-        raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine ({where}) and Minari could not "
-                         f"download it ({type(e).__name__}: {str(e)[:200]}). Download it where there is internet "
-                         f"with `minari download {dataset_id}` and copy it to that folder. "
+        return minari.load_dataset(dataset_id, download=dataset_id not in local)
+    except Exception as e:  # no network, unknown remote ids, incompatible versions: Minari's own words
+        raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine (MINARI_DATASETS_PATH={where}) and "
+                         f"Minari could not download it ({type(e).__name__}: {str(e)[:200]}). Download it where there "
+                         f"is internet with `minari download {dataset_id}` and copy it to that folder. "
                          f"{make_locally(resolve_dataset(dataset_id)[1])}")
 
 
@@ -809,11 +785,9 @@ def flatten_episodes(datasets) -> dict:
     """Episodes -> flat arrays of transitions (obs, action, reward, next_obs, terminated, truncated). An episode
     that just stops (neither flag at its end) ends there all the same: as a truncation."""
     episodes = [episode for dataset in datasets for episode in dataset.iterate_episodes()]
-    if not all(isinstance(e.observations, np.ndarray) for e in episodes):
-        raise SystemExit(f"error: {' + '.join(d.spec.dataset_id for d in datasets)} has structured (dict) "
-                         "observations; this script needs flat Box ones.")
-    if sum(len(e.rewards) for e in episodes) == 0:
-        raise SystemExit("error: the dataset holds no transitions.")
+    if not all(isinstance(e.observations, np.ndarray) for e in episodes) or not any(len(e.rewards) for e in episodes):
+        raise SystemExit(f"error: {' + '.join(d.spec.dataset_id for d in datasets)} holds no transitions or has "
+                         "structured (dict) observations; this script needs flat Box ones.")
     truncations = [np.array(e.truncations, dtype=bool) for e in episodes]
     for flags, episode in zip(truncations, episodes):
         flags[-1] |= not episode.terminations[-1]
@@ -828,10 +802,9 @@ def check_data(data: dict, action_space) -> None:
     n, low, high = len(data["rewards"]), action_space.low, action_space.high
     for key, values in data.items():
         if len(values) != n:
-            raise SystemExit(f"error: the dataset's {key} hold {len(values)} entries for {n} rewards; every "
-                             "transition needs one of each.")
-        bad = ~np.isfinite(values.reshape(n, -1)).all(axis=1)
-        if bad.any():
+            raise SystemExit(f"error: the dataset's {key} hold {len(values)} entries for {n} rewards.")
+        if not np.isfinite(values).all():
+            bad = ~np.isfinite(values.reshape(n, -1)).all(axis=1)
             raise SystemExit(f"error: the dataset's {key} contain NaN or infinite values at {bad.sum()} transitions "
                              f"(first at index {np.argmax(bad)}). Clean or drop those episodes.")
     if not (np.allclose(low, -high) and np.allclose(high, high.flat[0])):
@@ -849,7 +822,7 @@ REFRESH = 0.5 if sys.stderr.isatty() else 30  # seconds between progress redraws
 
 
 def progress_over(chunks, description):
-    """A bar for a pass over the whole dataset (seconds to minutes on a CPU for a million transitions)."""
+    """A bar for a pass over the whole dataset, which takes a while on a CPU."""
     return tqdm(chunks, desc=description, unit="chunk", leave=False, mininterval=REFRESH)
 
 
@@ -911,19 +884,17 @@ class CUDAGraphStep:
 
 class Run:
     """The run's bookkeeping around the training loop: its directory, tensorboard (and W&B), the progress bar,
-    evaluation, checkpoints and interruptions: SIGINT and SIGTERM wait for the current step, then the loop
-    saves a checkpoint and exits."""
+    evaluation, checkpoints and signals: SIGINT and SIGTERM wait for the current step, then the loop saves a
+    checkpoint and exits."""
 
     def __init__(self, args, datasets, obs_stats, device, checkpoint, schedule):
-        self.args, self.dataset, self.device, self.stop_signal, self.saving = args, datasets[0], device, None, False
+        self.args, self.device, self.obs_stats, self.stop_signal, self.saving = args, device, obs_stats, None, False
         self.previous_handlers = {signum: signal.signal(signum, self.on_signal) for signum in (signal.SIGINT,
                                                                                                signal.SIGTERM)}
-        self.dataset_ids, (self.obs_mean, self.obs_std) = [d.spec.dataset_id for d in datasets], obs_stats
-        self.obs_stats = [torch.as_tensor(x, dtype=torch.float32, device=device) for x in obs_stats]
-        self.envs = [make_eval_env(self.dataset) for _ in range(args.eval_episodes)]
-        env_name = resolve_dataset(self.dataset_ids[0])[1]
+        self.dataset_ids, env_name = [d.spec.dataset_id for d in datasets], resolve_dataset(args.env_id)[1]
+        self.envs = [make_eval_env(datasets[0]) for _ in range(args.eval_episodes)]
         self.ignore_terminated_until = ADROIT_DEMO_LENGTHS.get(env_name, 0) if args.eval_protocol == "adroit" else 0
-        self.reference, self.final = score_reference(self.dataset), None
+        self.reference, self.final = score_reference(datasets[0]), None
         run_name = args.run_name or f"{args.env_id.replace('/', '_')}__{Path(__file__).stem}__{args.seed}__" \
                                     f"{int(time.time())}"
         self.dir = args.resume or os.path.join("runs", run_name)
@@ -959,7 +930,7 @@ class Run:
         if checkpoint is None:
             self.writer.add_text("eval/protocol", args.eval_protocol)
             self.writer.add_text("eval/score_reference", score_note)
-        self.sums, self.counts, self.last_log = {}, {}, (time.time(), self.start_step)
+        self.sums, self.last_log = {}, (time.time(), self.start_step)
         self.progress = tqdm(total=args.total_steps, initial=self.start_step, desc=self.phase, unit="step",
                              mininterval=REFRESH, miniters=1, dynamic_ncols=True)
 
@@ -974,30 +945,28 @@ class Run:
         """Sum each step's metrics on the device, one stacked tensor per set of metrics (no host sync per step);
         every --log-interval steps write their means, and stop the run if one became NaN or infinite."""
         names, values = tuple(metrics), torch.stack(list(metrics.values())).detach().float()
-        self.sums[names] = self.sums[names] + values if names in self.sums else values
-        self.counts[names] = self.counts.get(names, 0) + 1
+        total, count = self.sums.get(names, (None, 0))
+        self.sums[names] = (values if total is None else total + values, count + 1)
         if done % self.args.log_interval == 0 or done == self.args.total_steps:
-            totals, counts = {}, {}
-            for names, sums in self.checked_sums(done).items():
-                for name, value in zip(names, sums):
-                    totals[name] = totals.get(name, 0.0) + value
-                    counts[name] = counts.get(name, 0) + self.counts[names]
-            for name, total in totals.items():
-                self.writer.add_scalar(name, total / counts[name], done)
+            means = {}  # name -> (sum, steps) over the sets of metrics it belongs to
+            for names, (totals, count) in self.checked_sums(done).items():
+                for name, value in zip(names, totals):
+                    means[name] = (means.get(name, (0.0, 0))[0] + value, means.get(name, (0.0, 0))[1] + count)
+            for name, (total, count) in means.items():
+                self.writer.add_scalar(name, total / count, done)
             self.writer.add_scalar("charts/SPS", (done - self.last_log[1]) / (time.time() - self.last_log[0]), done)
-            self.sums, self.counts, self.last_log = {}, {}, (time.time(), done)
+            self.sums, self.last_log = {}, (time.time(), done)
         self.progress.update(1)
         if phase != self.phase:
             self.phase = phase
             self.progress.set_description(phase)
 
     def checked_sums(self, done) -> dict:
-        sums = {names: values.tolist() for names, values in self.sums.items()}
-        for names, values in sums.items():
-            for name, value in zip(names, values):
-                if not math.isfinite(value):
-                    raise SystemExit(f"error: {name} became {value} by step {done}; stopping. The last good "
-                                     f"checkpoint in {self.dir} is intact; lower --learning-rate or check the data.")
+        sums = {names: (totals.tolist(), count) for names, (totals, count) in self.sums.items()}
+        for name, value in ((n, v) for names, (totals, _) in sums.items() for n, v in zip(names, totals)):
+            if not math.isfinite(value):
+                raise SystemExit(f"error: {name} became {value} by step {done}; stopping. The last good checkpoint "
+                                 f"in {self.dir} is intact; lower --learning-rate or check the data.")
         return sums
 
     def log_fit(self, done, fit, handover):
@@ -1005,33 +974,32 @@ class Run:
         fit = {name: value.item() for name, value in fit.items()}
         for name, value in fit.items():
             self.writer.add_scalar(name, value, done)
-        if not handover:
-            return
-        parts = [f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}"]
-        if "pretrain/q_mean" in fit:
-            explained = fit["pretrain/critic_explained_variance"]
-            parts.insert(0, f"the critics explain {explained:.1%} of their targets' variance (mean Q "
-                            f"{fit['pretrain/q_mean']:.1f}, mean target {fit['pretrain/target_mean']:.1f})" +
-                         (", so they have not fit their targets yet: pre-train longer, or pass --critic-init "
-                          "mean-target" if explained < 0.5 else ""))
-        if "pretrain/alpha" in fit:
-            parts.append(f"temperature {fit['pretrain/alpha']:.3f}, policy entropy {fit['pretrain/entropy']:.2f}")
-        self.progress.write(f"pre-training done at step {done}: {'; '.join(parts)}")
+        if handover:
+            parts = [f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}"]
+            if "pretrain/q_mean" in fit:
+                explained = fit["pretrain/critic_explained_variance"]
+                parts.insert(0, f"the critics explain {explained:.1%} of their targets' variance (mean Q "
+                                f"{fit['pretrain/q_mean']:.1f}, mean target {fit['pretrain/target_mean']:.1f})" +
+                             (", so they have not fit their targets yet: pre-train longer, or pass --critic-init "
+                              "mean-target" if explained < 0.5 else ""))
+            if "pretrain/alpha" in fit:
+                parts.append(f"temperature {fit['pretrain/alpha']:.3f}, policy entropy {fit['pretrain/entropy']:.2f}")
+            self.progress.write(f"pre-training done at step {done}: {'; '.join(parts)}")
 
     def evaluate(self, done, actor):
         if not self.envs:
             return
         self.checked_sums(done)  # never evaluate a diverged actor
         self.progress.set_postfix_str("evaluating", refresh=True)
-        start = time.time()
-        returns = evaluate(actor, self.envs, *self.obs_stats, evaluation_seed(self.args.seed, done),
+        start, obs_stats = time.time(), [torch.as_tensor(x, dtype=torch.float32, device=self.device)
+                                         for x in self.obs_stats]
+        returns = evaluate(actor, self.envs, *obs_stats, evaluation_seed(self.args.seed, done),
                            self.ignore_terminated_until, self.device)
+        self.final = ("normalised score", normalized_score(returns, self.reference)) if self.reference else \
+            ("return", float(np.mean(returns)))
         self.writer.add_scalar("eval/return", float(np.mean(returns)), done)
         if self.reference:
-            self.final = ("normalised score", normalized_score(returns, self.reference))
             self.writer.add_scalar("eval/normalized_score", self.final[1], done)
-        else:
-            self.final = ("return", float(np.mean(returns)))
         self.writer.add_scalar("charts/eval_seconds", time.time() - start, done)
         self.progress.set_postfix({"score" if self.reference else "return": f"{self.final[1]:.1f}"})
         self.last_log = (self.last_log[0] + time.time() - start, self.last_log[1])  # out of the SPS figure
@@ -1043,7 +1011,7 @@ class Run:
                  else value.state_dict() for name in (f.name for f in fields(learner))}
         path = os.path.join(self.dir, "checkpoint.pt")
         torch.save({**state, **targets, "step": done, "phase": self.phase, "rng": {"sampler": sampler.get_state()},
-                    "obs_mean": self.obs_mean, "obs_std": self.obs_std, "args": asdict(self.args),
+                    "obs_mean": self.obs_stats[0], "obs_std": self.obs_stats[1], "args": asdict(self.args),
                     "wandb_id": self.wandb_id}, path + ".tmp")
         os.replace(path + ".tmp", path)  # an interruption never leaves a half-written checkpoint
         self.saving = False
@@ -1074,7 +1042,7 @@ class Run:
                     "script": Path(__file__).stem, "dataset_ids": self.dataset_ids,
                     "max_action": learner.actor.max_action, "ignore_terminated_until": self.ignore_terminated_until,
                     "reference": list(self.reference) if self.reference else None,
-                    "obs_mean": torch.as_tensor(self.obs_mean), "obs_std": torch.as_tensor(self.obs_std),
+                    "obs_mean": torch.as_tensor(self.obs_stats[0]), "obs_std": torch.as_tensor(self.obs_stats[1]),
                     "args": asdict(self.args)}, os.path.join(self.dir, "model.pt"))
         self.close()
         final = f"; final {self.final[0]} {self.final[1]:.1f}" if self.final is not None else ""

@@ -103,7 +103,8 @@ def test_datasets_table_puts_each_dataset_beside_the_earlier_one_and_d4rls(tmp_p
     monkeypatch.setattr(plot, "HERE", tmp_path)
     lines = [line for line in plot.datasets_table().splitlines() if line.startswith("| local") or "d4rl/" in line]
     assert [line.split(" | ")[0][2:] for line in lines] == [
-        "local/halfcheetah/medium-v0", "local/hopper/medium-v0", "d4rl/hopper/medium-v2", "local-noise/hopper/medium-v0"]
+        "local/halfcheetah/medium-v0", "local/hopper/medium-v0", "d4rl/hopper/medium-v2",
+        "local-noise/hopper/medium-v0"]
     assert "| about 40-45 | - | none exactly at ±1 |" in lines[2]
     assert "mean action + N(0, 0.1²), clipped" in lines[3] and "| 0.08 | 0.05 |" in lines[3]
 
