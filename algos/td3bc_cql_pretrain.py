@@ -69,9 +69,10 @@ class Args:
     lam: float = 0.0
     """lambda of the critics' pre-training targets: 0 is pure Monte-Carlo, 1 is one-step TD"""
     lambda_refresh_interval: int = 10000
-    """with --lam > 0: the critics fit the Monte-Carlo returns this many steps before the first lambda-returns
-    (which bootstrap from them), then these are recomputed every this many steps (2k-5k suit --critic-init
-    mean-target)"""
+    """with --lam > 0: the critics fit the Monte-Carlo returns for this many steps before the first
+    lambda-returns are computed from the target networks, and these are recomputed every this many steps.
+    Lambda-returns take the level of the critics they bootstrap from, which --critic-init paper critics reach
+    in about 10k steps, mean-target ones in 2k-5k"""
     critic_init: Literal["paper", "mean-target"] = "paper"
     """paper: the usual initialisation; mean-target: each critic's output bias starts at the mean of its
     pre-training targets (the Monte-Carlo returns), so pre-training fits the shape of Q, not its level (when
@@ -117,8 +118,9 @@ class Args:
     checkpoint_interval: int = 50_000
     """save a resumable checkpoint every this many steps (0: only when interrupted and at the end)"""
     resume: Optional[str] = None
-    """continue the run saved in this run directory, with its own settings; only --total-steps (to extend it),
-    evaluation, logging, checkpoint, device and tracking flags may change (the latter three break exactness)"""
+    """continue the run saved in this run directory, with its own settings. Only --total-steps (to extend it),
+    the evaluation, logging, checkpoint and tracking flags, and --threads, --device and --compile may change
+    (these three change the last bits of the arithmetic, so the run is then no longer exact)"""
     run_name: Optional[str] = None
     """name of the run directory under runs/ (default: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
@@ -373,6 +375,15 @@ def lambda_schedule(args, critic_steps) -> str:
             f"every {args.lambda_refresh_interval:,} steps")
 
 
+def states_normalised_on_device(data, device):
+    """States normalised by the dataset's statistics (here and at evaluation), then the whole dataset as float32
+    tensors on the training device, where batches are sampled. Returns the data and the states' (mean, std)."""
+    obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    data["observations"] = (data["observations"] - obs_mean) / obs_std
+    data["next_observations"] = (data["next_observations"] - obs_mean) / obs_std
+    return {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in data.items()}, (obs_mean, obs_std)
+
+
 def main(args: Args) -> None:
     args, checkpoint = prepare_args(args)  # a resumed run's own settings, per-dataset defaults, checks
     datasets, data = load_data(args.env_id)  # every transition as flat NumPy arrays, checked
@@ -383,21 +394,15 @@ def main(args: Args) -> None:
     # 1. Monte-Carlo returns-to-go of the raw rewards: the critics' pre-training targets.
     returns_to_go = mc_returns(data["rewards"], data["terminations"], data["truncations"], args.gamma,
                                args.bootstrap_truncated)
-    # States normalised by the dataset's statistics, here and at evaluation.
-    obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
-    data["observations"] = (data["observations"] - obs_mean) / obs_std
-    data["next_observations"] = (data["next_observations"] - obs_mean) / obs_std
-    # The whole dataset lives on the training device; batches are sampled there.
-    data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in data.items()}
+    data, obs_stats = states_normalised_on_device(data, device)
     returns_to_go = torch.as_tensor(returns_to_go, dtype=torch.float32, device=device)
-    num_transitions, obs_dim = data["observations"].shape
-    act_dim = data["actions"].shape[1]
+    (num_transitions, obs_dim), act_dim = data["observations"].shape, data["actions"].shape[1]
     learner = make_learner(obs_dim, act_dim, float(datasets[0].action_space.high[0]), args, device)
     if args.critic_init == "mean-target" and args.pretrain in ("actor-critic", "critic"):
         start_critics_at_mean_target(learner, returns_to_go)
     pretrain_update, rl_update = speed_up([pretrain_step, td3bc_step], learner, device, args)  # with --compile
 
-    run = Run(args, datasets, (obs_mean, obs_std), device, checkpoint, schedule(args))  # logs, evaluation, signals
+    run = Run(args, datasets, obs_stats, device, checkpoint, schedule(args))  # logs, evaluation, signals
     if checkpoint is not None:
         restore(learner, sampler, checkpoint, args)
         returns_to_go = checkpoint["returns_to_go"].to(device)
@@ -422,8 +427,8 @@ def main(args: Args) -> None:
             run.log_fit(done, pretraining_fit(learner, data, returns_to_go, args), done == args.pretrain_steps)
         if done % args.eval_interval == 0 or done == args.total_steps:
             run.evaluate(done, learner.actor)
-        if (args.checkpoint_interval and done % args.checkpoint_interval == 0) or done == args.total_steps \
-                or run.stop_signal:
+        if run.stop_signal or done == args.total_steps or (args.checkpoint_interval
+                                                           and done % args.checkpoint_interval == 0):
             run.save_checkpoint(done, learner, sampler, returns_to_go=returns_to_go)
         if run.stop_signal and done < args.total_steps:  # at the last step, finishing beats interrupting
             run.interrupt(done)
@@ -488,6 +493,7 @@ def pretraining_fit(learner, data, returns_to_go, args, sample_size=10_000):
                 "pretrain/target_mean": target.mean()}
     return fit
 
+
 # ================================================================================================ plumbing
 # Everything below serves the algorithm above without being part of it: arguments and resuming, the device,
 # the dataset, and the run's bookkeeping (logs, evaluation, checkpoints, signals). The text is the same in all
@@ -526,15 +532,16 @@ def prepare_args(args: Args):
             if key not in (*RESUMABLE, "resume") and value != saved.get(key, defaults[key]):
                 raise SystemExit(f"error: --{key.replace('_', '-')} cannot change when resuming (the run has "
                                  f"{saved.get(key, defaults[key])!r}, given {value!r}); only "
-                                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can.")
+                                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can; start a new "
+                                 "run for other settings.")
         if args.total_steps <= step:
             raise SystemExit(f"error: the run in {args.resume} has finished its {step} steps; pass a larger "
                              "--total-steps to continue it." if args.total_steps == step else f"error: the run is at "
                              f"step {step}; --total-steps {args.total_steps} would end it before that.")
     _, env_name, quality = resolve_dataset(args.env_id)
-    defaults = {k: v for k, v in dataset_defaults(env_name, quality).items() if getattr(args, k) is None}
-    args = replace(args, **{**defaults, **({"pretrain_steps": 0} if args.pretrain == "none" else {})})
-    check_args(args, defaulted=set(defaults))
+    filled = {k: v for k, v in dataset_defaults(env_name, quality).items() if getattr(args, k) is None}
+    args = replace(args, **{**filled, **({"pretrain_steps": 0} if args.pretrain == "none" else {})})
+    check_args(args, defaulted=set(filled))
     return args, checkpoint
 
 
@@ -572,8 +579,9 @@ def setup_device(args: Args) -> torch.device:
                          "use --device cpu (or auto, which picks a GPU when there is one).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    fast_bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else any(
-        getattr(torch.cpu, "get_capabilities", dict)().get(unit, False) for unit in ("avx512_bf16", "amx_bf16"))
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    fast_bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else \
+        capabilities.get("avx512_bf16", False) or capabilities.get("amx_bf16", False)
     if args.precision == "bf16" and not fast_bf16:
         print(f"note: this {device.type} has no fast bf16 matmuls; training in fp32")
         args.precision = "fp32"
@@ -645,9 +653,11 @@ def load_minari(dataset_id: str):
         here = ", ".join(sorted(local)[:12]) + (", ..." if len(local) > 12 else "") if local else "none"
         raise SystemExit(f"error: no dataset '{dataset_id}' on this machine (MINARI_DATASETS_PATH={where}; it has: "
                          f"{here}).{did_you_mean(dataset_id)} {make_locally(resolve_dataset(dataset_id)[1])}")
+    if dataset_id in local:
+        return minari.load_dataset(dataset_id)
     try:
-        return minari.load_dataset(dataset_id, download=dataset_id not in local)
-    except Exception as e:  # no network, unknown remote ids, incompatible versions: Minari's own words
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:  # no network, unknown remote ids, incompatible versions
         raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine (MINARI_DATASETS_PATH={where}) and "
                          f"Minari could not download it ({type(e).__name__}: {str(e)[:200]}). Download it where there "
                          f"is internet with `minari download {dataset_id}` and copy it to that folder. "
@@ -658,9 +668,11 @@ def flatten_episodes(datasets) -> dict:
     """Episodes -> flat arrays of transitions (obs, action, reward, next_obs, terminated, truncated). An episode
     that just stops (neither flag at its end) ends there all the same: as a truncation."""
     episodes = [episode for dataset in datasets for episode in dataset.iterate_episodes()]
-    if not all(isinstance(e.observations, np.ndarray) for e in episodes) or not any(len(e.rewards) for e in episodes):
-        raise SystemExit(f"error: {' + '.join(d.spec.dataset_id for d in datasets)} holds no transitions or has "
-                         "structured (dict) observations; this script needs flat Box ones.")
+    if not all(isinstance(e.observations, np.ndarray) for e in episodes):
+        raise SystemExit(f"error: {' + '.join(d.spec.dataset_id for d in datasets)} has structured (dict) "
+                         "observations; this script needs flat Box ones.")
+    if not any(len(e.rewards) for e in episodes):
+        raise SystemExit("error: the dataset holds no transitions.")
     truncations = [np.array(e.truncations, dtype=bool) for e in episodes]
     for flags, episode in zip(truncations, episodes):
         flags[-1] |= not episode.terminations[-1]
@@ -675,7 +687,8 @@ def check_data(data: dict, action_space) -> None:
     n, low, high = len(data["rewards"]), action_space.low, action_space.high
     for key, values in data.items():
         if len(values) != n:
-            raise SystemExit(f"error: the dataset's {key} hold {len(values)} entries for {n} rewards.")
+            raise SystemExit(f"error: the dataset's {key} hold {len(values)} entries for {n} rewards; every "
+                             "transition needs one of each.")
         if not np.isfinite(values).all():
             bad = ~np.isfinite(values.reshape(n, -1)).all(axis=1)
             raise SystemExit(f"error: the dataset's {key} contain NaN or infinite values at {bad.sum()} transitions "
@@ -759,7 +772,9 @@ class Run:
     checkpoint and exits."""
 
     def __init__(self, args, datasets, obs_stats, device, checkpoint, schedule):
-        self.args, self.device, self.obs_stats, self.stop_signal, self.saving = args, device, obs_stats, None, False
+        self.args, self.device, self.stop_signal, self.saving = args, device, None, False
+        self.obs_mean, self.obs_std = obs_stats  # as NumPy arrays in checkpoint.pt, as tensors in model.pt
+        self.obs_tensors = [torch.as_tensor(x, dtype=torch.float32, device=device) for x in obs_stats]  # evaluation
         self.previous_handlers = {signum: signal.signal(signum, self.on_signal) for signum in (signal.SIGINT,
                                                                                                signal.SIGTERM)}
         self.dataset_ids, env_name = [d.spec.dataset_id for d in datasets], resolve_dataset(args.env_id)[1]
@@ -820,11 +835,12 @@ class Run:
         self.sums[names] = (values if total is None else total + values, count + 1)
         if done % self.args.log_interval == 0 or done == self.args.total_steps:
             means = {}  # name -> (sum, steps) over the sets of metrics it belongs to
-            for names, (totals, count) in self.checked_sums(done).items():
+            for names, (totals, steps) in self.checked_sums(done).items():
                 for name, value in zip(names, totals):
-                    means[name] = (means.get(name, (0.0, 0))[0] + value, means.get(name, (0.0, 0))[1] + count)
-            for name, (total, count) in means.items():
-                self.writer.add_scalar(name, total / count, done)
+                    name_sum, name_steps = means.get(name, (0.0, 0))
+                    means[name] = (name_sum + value, name_steps + steps)
+            for name, (name_sum, name_steps) in means.items():
+                self.writer.add_scalar(name, name_sum / name_steps, done)
             self.writer.add_scalar("charts/SPS", (done - self.last_log[1]) / (time.time() - self.last_log[0]), done)
             self.sums, self.last_log = {}, (time.time(), done)
         self.progress.update(1)
@@ -862,9 +878,8 @@ class Run:
             return
         self.checked_sums(done)  # never evaluate a diverged actor
         self.progress.set_postfix_str("evaluating", refresh=True)
-        start, obs_stats = time.time(), [torch.as_tensor(x, dtype=torch.float32, device=self.device)
-                                         for x in self.obs_stats]
-        returns = evaluate(actor, self.envs, *obs_stats, evaluation_seed(self.args.seed, done),
+        start = time.time()
+        returns = evaluate(actor, self.envs, *self.obs_tensors, evaluation_seed(self.args.seed, done),
                            self.ignore_terminated_until, self.device)
         self.final = ("normalised score", normalized_score(returns, self.reference)) if self.reference else \
             ("return", float(np.mean(returns)))
@@ -882,7 +897,7 @@ class Run:
                  else value.state_dict() for name in (f.name for f in fields(learner))}
         path = os.path.join(self.dir, "checkpoint.pt")
         torch.save({**state, **targets, "step": done, "phase": self.phase, "rng": {"sampler": sampler.get_state()},
-                    "obs_mean": self.obs_stats[0], "obs_std": self.obs_stats[1], "args": asdict(self.args),
+                    "obs_mean": self.obs_mean, "obs_std": self.obs_std, "args": asdict(self.args),
                     "wandb_id": self.wandb_id}, path + ".tmp")
         os.replace(path + ".tmp", path)  # an interruption never leaves a half-written checkpoint
         self.saving = False
@@ -913,7 +928,7 @@ class Run:
                     "script": Path(__file__).stem, "dataset_ids": self.dataset_ids,
                     "max_action": learner.actor.max_action, "ignore_terminated_until": self.ignore_terminated_until,
                     "reference": list(self.reference) if self.reference else None,
-                    "obs_mean": torch.as_tensor(self.obs_stats[0]), "obs_std": torch.as_tensor(self.obs_stats[1]),
+                    "obs_mean": torch.as_tensor(self.obs_mean), "obs_std": torch.as_tensor(self.obs_std),
                     "args": asdict(self.args)}, os.path.join(self.dir, "model.pt"))
         self.close()
         final = f"; final {self.final[0]} {self.final[1]:.1f}" if self.final is not None else ""
