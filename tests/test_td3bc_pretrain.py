@@ -125,6 +125,7 @@ def main_error(capsys, **flags):
     (dict(pretrain_steps=2000, total_steps=1000), "cannot exceed --total-steps"),
     (dict(batch_size=0), "--batch-size must be positive"),
     (dict(eval_episodes=-1), "--eval-episodes must not be negative"),
+    (dict(learning_rate=float("nan")), "--learning-rate be positive"),  # NaN fails every comparison
 ])
 def test_bad_flags_are_refused_before_training(flags, expected, capsys, minari_path):
     assert expected in main_error(capsys, **flags)
