@@ -545,8 +545,7 @@ def main(args: Args) -> None:
             if next_entropies is None:
                 next_entropies, returns_to_go = soft_return_targets(data, learner, sampler, args)
             # lambda-returns bootstrap from the critics, so they come once the critics fit the MC returns.
-            critic_steps = step - actor_end
-            if args.lam > 0 and critic_steps > 0 and critic_steps % args.lambda_refresh_interval == 0:
+            if args.lam > 0 and step > actor_end and (step - actor_end) % args.lambda_refresh_interval == 0:
                 returns_to_go = dataset_soft_lambda_returns(data, next_entropies, learner, sampler, args)
             metrics = critic_pretrain_update(learner, batch, returns_to_go[idx], noise, args)
         else:  # 3. EDAC from the pre-trained networks
@@ -554,6 +553,8 @@ def main(args: Args) -> None:
 
         done = step + 1
         run.log(done, metrics, phase="soft BC" if done < actor_end else "critics" if done < pretrain_end else "EDAC")
+        if done % args.log_interval == 0:  # is the ensemble's pessimism there where the actor acts?
+            run.write(done, ensemble_spread(learner, data))
         if done == pretrain_end or (done < pretrain_end and done % args.eval_interval == 0):
             run.log_fit(done, pretraining_fit(learner, data, returns_to_go, args), done == pretrain_end)
         if done % args.eval_interval == 0 or done == args.total_steps:
@@ -628,6 +629,22 @@ def pretraining_fit(learner, data, returns_to_go, args, sample_size=10_000):
         fit |= {"pretrain/critic_explained_variance": explained.mean(), "pretrain/q_mean": q.mean(),
                 "pretrain/target_mean": target.mean()}
     return fit
+
+
+@torch.no_grad()
+def ensemble_spread(learner, data, sample_size=2048):
+    """EDAC's pessimism is the spread of its N critics where the actor acts: critics regressed onto the same
+    returns may agree off the data, and then their minimum holds the actor back no more than one critic would.
+    On a fixed sample of the data's states: the std across the critics at the dataset's actions and at actions
+    the actor samples, and how far those lie from the dataset's (root mean square over coordinates)."""
+    n = len(data["rewards"])
+    idx = torch.linspace(0, n - 1, min(sample_size, n), device=data["rewards"].device).long()
+    obs, actions = data["observations"][idx], data["actions"][idx]
+    generator = torch.Generator(obs.device).manual_seed(0)  # noise of its own: training's random stream is untouched
+    policy_actions = learner.actor(obs, torch.randn(actions.shape, generator=generator, device=obs.device))[0]
+    return {"ensemble/std_data_actions": learner.critic(obs, actions).std(0).mean(),
+            "ensemble/std_policy_actions": learner.critic(obs, policy_actions).std(0).mean(),
+            "ensemble/policy_distance": (policy_actions - actions).pow(2).mean(-1).sqrt().mean()}
 
 
 # ================================================================================================ plumbing
@@ -1001,11 +1018,15 @@ class Run:
                                  f"in {self.dir} is intact; lower --learning-rate or check the data.")
         return sums
 
+    def write(self, done, scalars):
+        """Measurements taken on the side (not means over steps), straight to tensorboard."""
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value.item(), done)
+
     def log_fit(self, done, fit, handover):
         """pretrain/*: how well pre-training fits, along pre-training and, with a line that says it, at the end."""
+        self.write(done, fit)
         fit = {name: value.item() for name, value in fit.items()}
-        for name, value in fit.items():
-            self.writer.add_scalar(name, value, done)
         if handover:
             parts = [f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}"]
             if "pretrain/q_mean" in fit:

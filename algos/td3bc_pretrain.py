@@ -829,11 +829,15 @@ class Run:
                                  f"in {self.dir} is intact; lower --learning-rate or check the data.")
         return sums
 
+    def write(self, done, scalars):
+        """Measurements taken on the side (not means over steps), straight to tensorboard."""
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value.item(), done)
+
     def log_fit(self, done, fit, handover):
         """pretrain/*: how well pre-training fits, along pre-training and, with a line that says it, at the end."""
+        self.write(done, fit)
         fit = {name: value.item() for name, value in fit.items()}
-        for name, value in fit.items():
-            self.writer.add_scalar(name, value, done)
         if handover:
             parts = [f"behaviour-cloning MSE {fit['pretrain/bc_mse']:.4f}"]
             if "pretrain/q_mean" in fit:

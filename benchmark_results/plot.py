@@ -37,6 +37,8 @@ from common.sweep import expand  # noqa: E402
 SCORE = "eval/normalized_score"
 FIT = ("pretrain/critic_explained_variance", "pretrain/q_mean", "pretrain/target_mean")
 FIT_STEPS = (1000, 2000, 5000, 10000, 20000)  # where critic_fit's table looks; other experiments: the hand-over
+# EDAC's pessimism where the actor acts: the critics' spread at the data's and the actor's actions, and their distance
+ENSEMBLE = ("ensemble/std_data_actions", "ensemble/std_policy_actions", "ensemble/policy_distance")
 # experiment -> (title, baseline condition, tags to export). Experiments not listed here use the first
 # condition declared as the baseline.
 FIGURES = {
@@ -45,9 +47,9 @@ FIGURES = {
     "sampled_walker2d_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "sampled_halfcheetah_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "sampled_precision": ("EDAC in fp32 vs bf16", "edac_fp32", (SCORE,)),
-    "sampled_halfcheetah_edac": ("EDAC: pre-trained vs from scratch", "scratch", (SCORE, "charts/entropy")),
+    "sampled_halfcheetah_edac": ("EDAC: pre-trained vs from scratch", "scratch", (SCORE, "charts/entropy", *ENSEMBLE)),
     "halfcheetah_edac_old_data": ("EDAC from scratch on the earlier data: the control", "scratch",
-                                  (SCORE, "charts/entropy")),
+                                  (SCORE, "charts/entropy", *ENSEMBLE)),
     "hopper_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "hopper_td3bc_alpha2.5": ("TD3+BC with alpha 2.5: pre-trained vs from scratch", "scratch", (SCORE,)),
     "data_limited_edac": ("EDAC vs EDAC+BC on 24 episodes", "edac", (SCORE,)),

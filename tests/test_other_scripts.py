@@ -80,6 +80,27 @@ def test_diversity_term_matches_a_loop_over_critic_pairs():
     torch.testing.assert_close(loss, regression + 2.0 * diversity)
 
 
+def test_ensemble_spread_is_the_std_across_critics_where_the_actor_acts():
+    """Critics that output constants 1, 2 and 4 everywhere disagree by std(1, 2, 4) on any action; an actor of
+    fixed mean and tiny std acts near tanh(mean), whose distance from the data's actions is worked out by hand."""
+    args = edac.Args(num_critics=3, hidden_dim=16)
+    learner = edac.make_learner(4, 2, 1.0, args, torch.device("cpu"))
+    with torch.no_grad():
+        learner.critic.head.weight.zero_()
+        learner.critic.head.bias.copy_(torch.tensor([1.0, 2.0, 4.0]).view(3, 1, 1))
+        for head, value in ((learner.actor.mean, [0.5, -0.5]), (learner.actor.log_std, [-5.0, -5.0])):
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor(value))
+    states, actions = torch.randn(5, 4), torch.tensor([[0.0, 0.0], [1.0, -1.0], [0.5, 0.5], [-0.2, 0.9], [0.1, 0.0]])
+    spread = edac.ensemble_spread(learner, {"rewards": torch.zeros(5), "observations": states, "actions": actions})
+    std = np.std([1.0, 2.0, 4.0], ddof=1)
+    assert spread["ensemble/std_data_actions"].item() == pytest.approx(std, rel=1e-4)
+    assert spread["ensemble/std_policy_actions"].item() == pytest.approx(std, rel=1e-4)
+    policy = np.tanh([0.5, -0.5])  # the actor's samples lie within 0.01 of it (std e^-5)
+    distance = np.mean([np.sqrt(np.mean((policy - a) ** 2)) for a in actions.numpy()])
+    assert spread["ensemble/policy_distance"].item() == pytest.approx(distance, abs=0.01)
+
+
 def flat(dataset):
     obs = np.concatenate([e.observations[:-1] for e in dataset.iterate_episodes()])
     actions = np.concatenate([e.actions for e in dataset.iterate_episodes()])
@@ -107,8 +128,8 @@ def test_soft_bc_raises_the_likelihood_of_dataset_actions(tiny_dataset, tmp_path
 
 
 @pytest.mark.parametrize("script, extra_tags", [
-    ("edac_pretrain.py", ["losses/diversity", "losses/alpha"]),
-    ("edac_bc_pretrain.py", ["losses/diversity", "losses/alpha", "losses/bc"]),
+    ("edac_pretrain.py", ["losses/diversity", "losses/alpha", "ensemble/std_policy_actions"]),
+    ("edac_bc_pretrain.py", ["losses/diversity", "losses/alpha", "losses/bc", "ensemble/policy_distance"]),
     ("td3bc_cql_pretrain.py", ["losses/cql"]),
 ])
 def test_script_runs_end_to_end(script, extra_tags, tiny_dataset, tmp_path):
