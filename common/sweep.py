@@ -123,12 +123,16 @@ class Job:
             env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONWARNINGS": "ignore"}
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                             cwd=Path(self.runs_dir).resolve().parent)  # the scripts write to runs/
+            pid_file = pid_path(self.runs_dir, run)
+            pid_file.write_text(str(self.process.pid))  # how a local sweep that is stopped reaches the script
             try:
                 code = self.process.wait()
             except KeyboardInterrupt:  # the job is being cancelled: the run saves its checkpoint first
                 self.process.send_signal(signal.SIGTERM)
                 self.process.wait()
                 raise
+            finally:
+                pid_file.unlink(missing_ok=True)
         if code != 0:
             raise RuntimeError(f"{run.name} exited with {code}; see {log}")
         return "finished"
@@ -205,14 +209,35 @@ def run_locally(executor, job, runs, limit):
         while pending or running:
             pending, running = step_locally(executor, job, pending, running, limit, failures)
     except KeyboardInterrupt:
-        for run, handle in running:
-            handle.cancel(check=False)  # the job passes SIGTERM on to its training script, which saves and exits
+        # SIGTERM straight to each training script, which saves its checkpoint and exits. submitit's cancel alone
+        # sends SIGINT, which a sweep started in the background (nohup ... &) and its processes ignore.
+        pid_files = [pid_path(job.runs_dir, run) for run, _ in running]
+        for pid_file in pid_files:
+            signal_run(pid_file, signal.SIGTERM)
         deadline = time.time() + 300
-        while any(not handle.done() for _, handle in running) and time.time() < deadline:
+        while any(signal_run(pid_file, 0) for pid_file in pid_files) and time.time() < deadline:
             time.sleep(0.5)
-        raise SystemExit(f"\ninterrupted: {len(running)} running runs saved their progress and "
-                         f"{len(pending)} did not start; run the same command again to go on.")
+        for run, handle in running:
+            handle.cancel(check=False)
+        still = [p.stem for p in pid_files if signal_run(p, 0)]
+        raise SystemExit(f"\ninterrupted: {len(running) - len(still)} running runs saved their progress and "
+                         f"{len(pending)} did not start; run the same command again to go on."
+                         + (f" Still running after 5 minutes: {', '.join(still)}." if still else ""))
     return failures
+
+
+def pid_path(runs_dir, run) -> Path:
+    return Path(runs_dir) / f"{run.name}.pid"
+
+
+def signal_run(pid_file: Path, signum) -> bool:
+    """Send `signum` to the training script whose pid the file holds (0 only asks whether it still runs);
+    False when there is no such file or process."""
+    try:
+        os.kill(int(pid_file.read_text()), signum)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def step_locally(executor, job, pending, running, limit, failures):

@@ -29,6 +29,13 @@ datasets = ["{dataset}"]
 seeds = [0]
 flags = "--total-steps 100 --pretrain-steps 50 --hidden-dim 64 --eval-episodes 0"
 conditions = {{ good = "", bad = "--batch-size 0", other_script = {{ script = "td3bc_cql_pretrain.py" }} }}
+
+[long]
+script = "td3bc_pretrain.py"
+datasets = ["{dataset}"]
+seeds = [0]
+flags = "--total-steps 1000000 --pretrain-steps 100 --hidden-dim 64 --eval-episodes 0 --checkpoint-interval 100"
+conditions = {{ scratch = "--pretrain none" }}
 """
 
 
@@ -90,6 +97,32 @@ def test_an_interrupted_run_is_resumed_not_restarted(grid, tmp_path):
     a = torch.load(run_dir / "model.pt", weights_only=True)
     b = torch.load(straight / "runs" / "tiny" / run_dir.name / "model.pt", weights_only=True)
     assert all(torch.equal(a["actor"][k], b["actor"][k]) for k in a["actor"])
+
+
+def test_stopping_a_local_sweep_stops_its_runs_and_they_save(grid, tmp_path):
+    """SIGTERM to the sweep reaches each training script, which saves its checkpoint and exits, before the sweep
+    says so; no run is left training behind it (a second sweep would then train the same run twice). The sweep
+    starts as `nohup ... &` starts it from a script: with SIGINT ignored, which its processes inherit."""
+    process = subprocess.Popen([sys.executable, str(REPO / "common" / "sweep.py"), "long", "--jobs", "1",
+                                "--experiments-file", str(grid), "--work-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    run_dir = tmp_path / "runs" / "long" / "scratch__test-hopper-medium-v0__s0"
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint.pt").exists():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    try:
+        output, _ = process.communicate(timeout=120)
+    finally:  # on failure, leave nothing training behind the test
+        process.kill()
+        subprocess.run(["pkill", "-f", f"run-name long/{run_dir.name}"], check=False)
+    assert "interrupted: 1 running runs saved their progress" in output, output
+    assert "interrupted at step" in run_dir.with_name(run_dir.name + ".log").read_text()
+    step = torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
+    time.sleep(2)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == step  # nothing trains on
 
 
 def test_a_failing_run_is_reported_with_its_log_and_the_others_finish(grid, tmp_path):
