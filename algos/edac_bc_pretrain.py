@@ -81,6 +81,9 @@ class Args:
     """paper: the usual initialisation; mean-target: each critic's output bias starts at the mean of its
     pre-training targets (the soft returns), so pre-training fits the shape of Q, not its level (when the
     critics are pre-trained)"""
+    critic_bootstrap: bool = False
+    """pre-train each critic on a bootstrap resample of its own (Poisson(1) weights per transition), so that
+    critics fit to the same returns still disagree where the data say little, as EDAC's pessimism needs"""
     num_critics: Optional[int] = None
     """size of the critic ensemble N (default per dataset from the authors' table, else 10)"""
     eta: Optional[float] = None
@@ -320,14 +323,16 @@ def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
         torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
 
-def critic_loss_with_diversity(critic, obs, actions, target, eta):
-    """Regression of all N critics onto `target`, plus EDAC's diversity term, from ONE forward pass:
-    each member gets its own copy of the actions, so one backward gives every member's action gradient.
+def critic_loss_with_diversity(critic, obs, actions, target, eta, weights=None):
+    """Regression of all N critics onto `target` (each transition weighted per critic by `weights` [N, B], if
+    given), plus EDAC's diversity term, from ONE forward pass: each member gets its own copy of the actions, so
+    one backward gives every member's action gradient.
     Diversity = mean over the batch of sum_{i != j} <g_i, g_j> / (N - 1), g_i = grad_a Q_i / |grad_a Q_i|.
     Returns the loss and its parts (regression, diversity, mean Q of the given actions)."""
     actions = actions.expand(critic.num_critics, -1, -1).clone().requires_grad_(True)
     q = critic(obs, actions)
-    regression = (q - target).pow(2).mean(1).sum()
+    squared_errors = (q - target).pow(2) if weights is None else (q - target).pow(2) * weights
+    regression = squared_errors.mean(1).sum()
     grads = torch.autograd.grad(q.sum(), actions, create_graph=True)[0]
     grads = grads / (grads.norm(dim=-1, keepdim=True) + 1e-10)
     # sum_{i != j} <g_i, g_j> = |sum_i g_i|^2 - sum_i |g_i|^2
@@ -429,10 +434,19 @@ def soft_return_targets(data, learner, sampler, args):
     return next_entropies, returns_to_go
 
 
+def bootstrap_weights(num_transitions, args, device):
+    """--critic-bootstrap: how often each transition is in each critic's resample of the data, Poisson(1) (the
+    online bootstrap), [transitions, N]. From a generator of its own, so that a resumed run draws the same
+    resamples and the training's random stream stays as it is."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 3]).generate_state(1)[0]))
+    return torch.poisson(torch.ones(num_transitions, args.num_critics), generator=generator).to(device)
+
+
 def critic_pretrain_step(learner, batch, returns_to_go, noise, args):
     """All N critics regress onto the soft returns, with the diversity term on; actor and alpha stay frozen."""
+    weights = batch["critic_weights"].T if "critic_weights" in batch else None  # with --critic-bootstrap
     loss, parts = critic_loss_with_diversity(learner.critic, batch["observations"], batch["actions"], returns_to_go,
-                                             args.eta)
+                                             args.eta, weights)
     learner.critic_opt.zero_grad(set_to_none=True)
     loss.backward()
     learner.critic_opt.step()
@@ -521,10 +535,10 @@ def main(args: Args) -> None:
     device = setup_device(args)
     torch.manual_seed(args.seed)  # network initialisation
     sampler = make_sampler(args.seed, device)  # every later random draw: batch indices and noise
-
     data, obs_stats = states_normalised_on_device(data, device)
     returns_to_go = next_entropies = None  # the soft returns need the pre-trained actor: they come after soft BC
     (num_transitions, obs_dim), act_dim = data["observations"].shape, data["actions"].shape[1]
+    data |= {"critic_weights": bootstrap_weights(num_transitions, args, device)} if args.critic_bootstrap else {}
     learner = make_learner(obs_dim, act_dim, float(datasets[0].action_space.high[0]), args, device)
     soft_bc_update, critic_pretrain_update, rl_update = speed_up([soft_bc_step, critic_pretrain_step, edac_step],
                                                                  learner, device, args)  # with --compile

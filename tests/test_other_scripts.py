@@ -80,6 +80,23 @@ def test_diversity_term_matches_a_loop_over_critic_pairs():
     torch.testing.assert_close(loss, regression + 2.0 * diversity)
 
 
+def test_bootstrap_resamples_weight_each_critics_regression_on_its_own():
+    torch.manual_seed(0)
+    critic = edac.Critic(4, 3, 16, True, num_critics=3)
+    obs, act, target = torch.randn(8, 4), torch.rand(8, 3) * 2 - 1, torch.randn(8)
+    args = edac.Args(num_critics=3, seed=5)
+    weights = edac.bootstrap_weights(8, args, "cpu")  # [transitions, critics]
+    assert torch.equal(weights, edac.bootstrap_weights(8, args, "cpu"))  # the same resamples on every resume
+    assert weights.shape == (8, 3) and (weights == weights.round()).all() and (weights >= 0).all()
+    _, parts = edac.critic_loss_with_diversity(critic, obs, act, target, eta=0.0, weights=weights.T)
+    q = critic(obs, act).detach()
+    by_hand = sum(sum(weights[i, j] * (q[j, i] - target[i]) ** 2 for i in range(8)) / 8 for j in range(3))
+    torch.testing.assert_close(parts["regression"], by_hand)
+    many = edac.bootstrap_weights(100_000, edac.Args(num_critics=2), "cpu")
+    assert abs(many.mean().item() - 1) < 0.01 and abs(many.var().item() - 1) < 0.02  # Poisson(1)
+    assert (many[:, 0] != many[:, 1]).float().mean() > 0.5  # each critic its own resample
+
+
 def test_ensemble_spread_is_the_std_across_critics_where_the_actor_acts():
     """Critics that output constants 1, 2 and 4 everywhere disagree by std(1, 2, 4) on any action; an actor of
     fixed mean and tiny std acts near tanh(mean), whose distance from the data's actions is worked out by hand."""
@@ -133,7 +150,8 @@ def test_soft_bc_raises_the_likelihood_of_dataset_actions(tiny_dataset, tmp_path
     ("td3bc_cql_pretrain.py", ["losses/cql"]),
 ])
 def test_script_runs_end_to_end(script, extra_tags, tiny_dataset, tmp_path):
-    flags = ["--num-critics", 3] if script.startswith("edac") else []
+    flags = (["--num-critics", 3] if script.startswith("edac") else []) + (
+        ["--critic-bootstrap"] if script == "edac_bc_pretrain.py" else [])
     result = run_script(script, "--env-id", tiny_dataset, *flags, "--total-steps", 400, "--pretrain-steps", 200,
                         "--log-interval", 100, "--eval-interval", 200, "--eval-episodes", 2, "--lam", 0.2,
                         "--lambda-refresh-interval", 50, "--eval-protocol", "adroit", "--run-name", "run", cwd=tmp_path)
