@@ -57,6 +57,14 @@ def starts(log):
     return [line for line in log.read_text().splitlines() if line.startswith("$ ")]
 
 
+def wait_for_checkpoint(run_dir, process, timeout=300):
+    """Until the run has saved its first checkpoint, while the process that trains it is still running."""
+    deadline = time.time() + timeout
+    while not (run_dir / "checkpoint.pt").exists():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("cluster", ["local", "debug"])
 def test_grid_runs_each_run_once_and_a_rerun_skips_them(cluster, grid, tmp_path):
     result = sweep(grid, tmp_path, "tiny", "--cluster", cluster, "--jobs", 2)
@@ -84,10 +92,7 @@ def test_an_interrupted_run_is_resumed_not_restarted(grid, tmp_path):
     process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     run_dir = work / "runs" / "tiny" / "scratch__test-hopper-medium-v0__s1"
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoint.pt").exists():
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.02)
+    wait_for_checkpoint(run_dir, process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=300) == 143
     result = sweep(grid, work, "tiny")
@@ -108,10 +113,7 @@ def test_stopping_a_local_sweep_stops_its_runs_and_they_save(grid, tmp_path):
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     run_dir = tmp_path / "runs" / "long" / "scratch__test-hopper-medium-v0__s0"
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoint.pt").exists():
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.1)
+    wait_for_checkpoint(run_dir, process)
     process.send_signal(signal.SIGTERM)
     try:
         output, _ = process.communicate(timeout=120)
