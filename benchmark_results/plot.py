@@ -102,10 +102,21 @@ def run_versions(events) -> str:
     return "+".join(sorted(set(versions))) or "unrecorded"
 
 
+def rows_without_runs(path, runs, runs_dir) -> list:
+    """The rows an earlier export wrote for declared runs whose directories are not under runs_dir (a fresh
+    machine, say): they stay, so an export refreshes the runs at hand and loses nothing of the others."""
+    if not path.exists():
+        return []
+    absent = {run_key(run) for run in runs if not (Path(runs_dir) / run.name).exists()}
+    with open(path) as f:
+        return [row for row in list(csv.reader(f))[1:] if tuple(row[:3]) in absent]
+
+
 def export(experiment, runs, runs_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    rows, tags = [], FIGURES.get(experiment, ("", "", (SCORE,)))[2]
+    path = HERE / "data" / f"{experiment}.csv"
+    rows, tags = rows_without_runs(path, runs, runs_dir), FIGURES.get(experiment, ("", "", (SCORE,)))[2]
     tags = (*tags, *(tag for tag in FIT if tag not in tags))  # every experiment's fit at the hand-over
     for run in runs:
         run_dir = Path(runs_dir) / run.name
@@ -121,7 +132,7 @@ def export(experiment, runs, runs_dir):
                          for e in events.Scalars(tag)]
     if not rows:
         return
-    with open(HERE / "data" / f"{experiment}.csv", "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         csv.writer(f).writerows([COLUMNS, *rows])
     print(f"wrote data/{experiment}.csv ({len(rows)} values)")
 
@@ -136,8 +147,8 @@ def export_datasets():
     it on the dataset's states) and the fraction of action coordinates with |a| >= 0.999."""
     import minari
 
-    rows = []
-    for dataset_id in sorted(d for d in minari.list_local_datasets() if d.startswith("local")):
+    rows, path, local = [], HERE / "data" / "datasets.csv", minari.list_local_datasets()
+    for dataset_id in sorted(d for d in local if d.startswith("local")):
         dataset = minari.load_dataset(dataset_id)
         episodes = list(dataset.iterate_episodes())  # one pass over the file for returns and actions alike
         returns = np.array([float(e.rewards.sum()) for e in episodes])
@@ -150,8 +161,11 @@ def export_datasets():
                      "" if spread is None else round(float(spread), 3),
                      round(float(np.mean(np.abs(actions) >= 0.999)), 4),
                      "" if not isinstance(policy_return, float) else round(policy_return, 1)))
-    with open(HERE / "data" / "datasets.csv", "w", newline="") as f:
-        csv.writer(f).writerows([DATASET_COLUMNS, *rows])
+    if path.exists():  # the datasets not on this machine keep the row an earlier export wrote
+        with open(path) as f:
+            rows += [row for row in list(csv.reader(f))[1:] if row[0] not in local]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([DATASET_COLUMNS, *sorted(rows, key=lambda row: row[0])])
 
 
 # ------------------------------------------------------------------------------------------- statistics

@@ -113,3 +113,35 @@ def test_data_protocol_follows_the_namespace():
     assert plot.data_protocol("local-noise-100k-hopper-medium-v0") == "mean-plus-noise"
     assert plot.data_protocol("local-hopper-medium-v0") == "sampled"
     assert plot.data_protocol("mujoco-hopper-medium-v0") == "mujoco"
+
+
+def test_export_refreshes_the_runs_at_hand_and_keeps_the_rows_of_runs_it_cannot_see(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    experiments = {"exp": {"script": "td3bc_pretrain.py", "datasets": ["local/hopper/medium-v0"], "seeds": [0, 1],
+                           "conditions": {"pretrained": "--pretrain actor-critic"}}}
+    runs = plot.expand(experiments, ("exp",))
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(plot, "HERE", tmp_path)
+    # an earlier export, from a machine that had both runs: seed 0 at 1.0, seed 1 at 2.0
+    write_csv(tmp_path / "data" / "exp.csv", {("pretrained", 0, 5000, plot.SCORE): 1.0,
+                                               ("pretrained", 1, 5000, plot.SCORE): 2.0})
+    with SummaryWriter(tmp_path / "runs" / "exp" / "pretrained__local-hopper-medium-v0__s1") as writer:
+        writer.add_scalar(plot.SCORE, 7.0, 5000)  # only seed 1 is here now, and it has a new value
+        writer.add_scalar(plot.SCORE, 8.0, 10000)
+    plot.export("exp", runs, tmp_path / "runs")
+    with open(tmp_path / "data" / "exp.csv") as f:
+        values = {(r["seed"], int(r["step"])): float(r["value"]) for r in csv.DictReader(f)}
+    assert values == {("0", 5000): 1.0, ("1", 5000): 7.0, ("1", 10000): 8.0}
+
+
+def test_export_of_datasets_keeps_the_rows_of_datasets_not_on_this_machine(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    rows = [plot.DATASET_COLUMNS, ["local/gone/medium-v0", "sampled", 10, 1000, 5.0, 1.0, 0.2, 0.0, 5.0]]
+    with open(tmp_path / "data" / "datasets.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    monkeypatch.setattr(plot, "HERE", tmp_path)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "no_datasets"))  # a machine without them
+    plot.export_datasets()
+    with open(tmp_path / "data" / "datasets.csv") as f:
+        assert list(csv.reader(f)) == [plot.DATASET_COLUMNS, [str(cell) for cell in rows[1]]]
