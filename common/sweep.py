@@ -42,6 +42,8 @@ class Args:
     """only these seeds of each experiment (default: all it declares)"""
     datasets: Optional[tuple[str, ...]] = None
     """only the runs on these datasets (default: all it declares)"""
+    conditions: Optional[tuple[str, ...]] = None
+    """only the runs of these conditions (default: all it declares)"""
     jobs: int = 2
     """runs at a time: local processes, or SLURM's array parallelism"""
     threads: int = 1
@@ -281,6 +283,12 @@ def main(args: Args) -> None:
         runs = [run for run in runs if int(run.name.rsplit("__s", 1)[1]) in args.seeds]
     if args.datasets is not None:
         runs = [run for run in runs if run.flags[run.flags.index("--env-id") + 1] in args.datasets]
+    if args.conditions is not None:
+        declared = {run.name.split("/", 1)[1].split("__")[0] for run in runs}
+        if set(args.conditions) - declared:
+            raise SystemExit(f"error: no condition {', '.join(sorted(set(args.conditions) - declared))} in "
+                             f"{', '.join(args.experiments)}; declared: {', '.join(sorted(declared))}")
+        runs = [run for run in runs if run.name.split("/", 1)[1].split("__")[0] in args.conditions]
     runs_dir = (Path(args.work_dir) / "runs").resolve()
     todo = [run for run in runs if not (runs_dir / run.name / "model.pt").exists()]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run "

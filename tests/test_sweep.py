@@ -175,13 +175,15 @@ def test_preemption_checkpoints_the_run_and_requeues_it(grid, tmp_path):
     assert "--resume" in run.command(str(tmp_path / "runs"), 1)  # what the requeued job will run
 
 
-def test_datasets_and_seeds_select_runs_of_the_grid(tmp_path):
+def test_datasets_seeds_and_conditions_select_runs_of_the_grid(tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text('[g]\nscript = "td3bc_pretrain.py"\ndatasets = ["a/x/medium-v0", "b/y/medium-v0"]\n'
-                    'seeds = [0, 1]\nconditions = { c = "" }\n')
-    result = subprocess.run([sys.executable, str(REPO / "common" / "sweep.py"), "g", "--experiments-file", str(grid),
-                             "--datasets", "b/y/medium-v0", "--seeds", "1", "--dry-run", "--work-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+                    'seeds = [0, 1]\nconditions = { c = "", d = "--pretrain none" }\n')
+    sweep = [sys.executable, str(REPO / "common" / "sweep.py"), "g", "--experiments-file", str(grid), "--datasets",
+             "b/y/medium-v0", "--seeds", "1", "--dry-run", "--work-dir", str(tmp_path), "--conditions"]
+    result = subprocess.run([*sweep, "c"], capture_output=True, text=True, timeout=120)
     commands = [line for line in result.stdout.splitlines() if "--run-name" in line]
     assert result.returncode == 0 and len(commands) == 1 and "g/c__b-y-medium-v0__s1" in commands[0]
+    typo = subprocess.run([*sweep, "e"], capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 1 and "error: no condition e in g; declared: c, d" in typo.stderr
     assert "warning: 2 dataset(s)" not in result.stdout and "b/y/medium-v0" in result.stdout.split("\n")[1]
