@@ -44,9 +44,13 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# common/returns.py sits beside this script's folder; this lets the script run from any directory.
+# common/returns.py sits beside this script's folder; this lets the script run from any directory. A copy
+# of the script elsewhere finds returns.py beside it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.returns import lambda_returns, soft_returns  # noqa: E402
+try:
+    from common.returns import lambda_returns, soft_returns  # noqa: E402
+except ModuleNotFoundError:
+    from returns import lambda_returns, soft_returns  # noqa: E402
 
 
 @dataclass
@@ -676,7 +680,12 @@ def load_checkpoint(run_dir: str) -> dict:
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint.pt in '{run_dir}' to resume from: pass the directory of a run that "
                          "was interrupted or saved a periodic checkpoint (runs/<run-name>).")
-    return torch.load(path, map_location="cpu", weights_only=False)  # any device may resume it
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # any device may resume it
+    script = checkpoint.get("script", Path(__file__).stem)  # older checkpoints do not say
+    if script != Path(__file__).stem:
+        raise SystemExit(f"error: {run_dir} is a run of {script}.py, whose settings and networks this script does "
+                         f"not share; resume it with that script: python {script}.py --resume {run_dir}")
+    return checkpoint
 
 
 def prepare_args(args: Args):
@@ -722,7 +731,7 @@ def check_args(args: Args, defaulted) -> None:
             0 <= args.actor_pretrain_fraction <= 1,
         f"--action-saturation must lie in (0, 1], got {args.action_saturation}": 0 < args.action_saturation <= 1,
     }.items() if not holds]
-    if args.pretrain_steps > args.total_steps:
+    if args.pretrain_steps > args.total_steps > 0:  # (a non-positive total is reported above)
         source = {key: ", this dataset's default" if key in defaulted else "" for key in ("pretrain_steps",
                                                                                          "total_steps")}
         problems.append(f"--pretrain-steps ({args.pretrain_steps}{source['pretrain_steps']}) cannot exceed "
@@ -770,9 +779,13 @@ MINARI_HOSTS = {**{env: ("simple", "medium", "expert") for env in ("halfcheetah"
 def resolve_dataset(env_id: str):
     """--env-id -> (Minari dataset ids, environment, quality). A D4RL name maps to the datasets Minari hosts
     (medium-expert to two of them); a Minari id passes through."""
-    if "/" in env_id:
-        parts = env_id.split("/")
-        return [env_id], parts[-2].lower(), re.sub(r"-v\d+$", "", parts[-1])
+    if "/" in env_id or env_id in minari.list_local_datasets():
+        *namespace, name = env_id.split("/")
+        d4rl_like = D4RL_NAME.match(name) if len(namespace) < 2 else None  # myteam/hopper-expert-v0
+        if d4rl_like:
+            return [env_id], d4rl_like["env"], d4rl_like["quality"]
+        quality = re.sub(r"-v\d+$", "", name)
+        return [env_id], (namespace[-1] if namespace else quality).lower(), quality
     match = D4RL_NAME.match(env_id)
     if match is None:
         raise SystemExit(f"error: '{env_id}' is neither a D4RL name like hopper-medium-v2 nor a Minari dataset id "
@@ -783,14 +796,16 @@ def resolve_dataset(env_id: str):
     if quality in hosted or (quality == "medium-expert" and "medium" in hosted):
         return [prefix.format(q) for q in ([quality] if quality in hosted else ["medium", "expert"])], env_name, quality
     raise SystemExit(f"error: Minari does not host the D4RL dataset '{env_id}'."
-                     f"{did_you_mean(env_id) if quality not in D4RL_QUALITIES else ''} It hosts "
+                     f"{did_you_mean(env_id) if quality not in D4RL_QUALITIES or not hosted else ''} It hosts "
                      + (", ".join(prefix.format(q) for q in hosted) if hosted else
                         "mujoco/<env>/{simple,medium,expert}-v0 and D4RL/<adroit task>/{human,cloned,expert}-v2")
                      + f". {make_locally(env_name)}")
 
 
 def make_locally(env_name: str) -> str:
-    """How to make a dataset without Minari's servers, worded to hold in a copy of this script too."""
+    """How to make a MuJoCo dataset without Minari's servers, worded to hold in a copy of this script too."""
+    if env_name not in ("halfcheetah", "hopper", "walker2d", "ant"):
+        return ""
     env = {"halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}.get(env_name, f"{env_name.capitalize()}-v5")
     return (f"To make data locally, use make_dataset.py from the project this script comes from: `python "
             f"common/make_dataset.py --env-id {env}` writes local/{env_name}/medium-v0 and medium-replay-v0.")
@@ -825,7 +840,14 @@ def load_minari(dataset_id: str):
         raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine (MINARI_DATASETS_PATH={where}) and "
                          f"Minari could not download it ({type(e).__name__}: {str(e)[:200]}). Download it where there "
                          f"is internet with `minari download {dataset_id}` and copy it to that folder. "
-                         f"{make_locally(resolve_dataset(dataset_id)[1])}")
+                         f"{same_env_here(dataset_id, local) or make_locally(resolve_dataset(dataset_id)[1])}")
+
+
+def same_env_here(dataset_id: str, local) -> str:
+    """'This machine has X, Y (pass one to --env-id).' for the local datasets of dataset_id's environment."""
+    env_name = resolve_dataset(dataset_id)[1]
+    here = sorted(d for d in local if env_name in d.lower().split("/"))
+    return f"This machine has {', '.join(here)} (pass one to --env-id)." if here else ""
 
 
 def flatten_episodes(datasets) -> dict:
@@ -1068,7 +1090,7 @@ class Run:
         path = os.path.join(self.dir, "checkpoint.pt")
         torch.save({**state, **targets, "step": done, "phase": self.phase, "rng": {"sampler": sampler.get_state()},
                     "obs_mean": self.obs_mean, "obs_std": self.obs_std, "args": asdict(self.args),
-                    "wandb_id": self.wandb_id}, path + ".tmp")
+                    "wandb_id": self.wandb_id, "script": Path(__file__).stem}, path + ".tmp")
         os.replace(path + ".tmp", path)  # an interruption never leaves a half-written checkpoint
         self.saving = False
 
@@ -1102,7 +1124,9 @@ class Run:
                     "args": asdict(self.args)}, os.path.join(self.dir, "model.pt"))
         self.close()
         final = f"; final {self.final[0]} {self.final[1]:.1f}" if self.final is not None else ""
-        print(f"saved {os.path.join(self.dir, 'model.pt')}{final} (evaluate it: python common/evaluate.py {self.dir})")
+        evaluate_py = Path(__file__).resolve().parent.parent / "common" / "evaluate.py"
+        hint = f" (evaluate it: python {os.path.relpath(evaluate_py)} {self.dir})" if evaluate_py.exists() else ""
+        print(f"saved {os.path.join(self.dir, 'model.pt')}{final}{hint}")
 
 
 def evaluation_seed(seed: int, step: int) -> int:

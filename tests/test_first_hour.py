@@ -152,6 +152,49 @@ def test_errors_say_what_to_do(args, expected, tiny_dataset, tmp_path):
     assert time.time() - started < 30  # no network retries for ids Minari does not host
 
 
+@pytest.mark.parametrize("args, expected, unexpected", [
+    (["--env-id", "hoper-medium-v2"], "Did you mean hopper-medium-v2?", "Hoper-v5"),  # no command for a typo
+    (["--env-id", "test/hopper/medium-v0", "--total-steps", -5], "--total-steps must be positive, got -5",
+     "--pretrain-steps -"),  # no advice computed from the bad number
+])
+def test_errors_about_one_thing_say_nothing_about_another(args, expected, unexpected, tiny_dataset, tmp_path):
+    result = run_script("td3bc_pretrain.py", *args, cwd=tmp_path)
+    assert result.returncode != 0 and expected in result.stderr and unexpected not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("script", ["td3bc_cql_pretrain.py", "edac_pretrain.py"])
+def test_resuming_with_another_script_is_refused(script, tiny_dataset, tmp_path):
+    run_args = flags("td3bc_pretrain.py", tiny_dataset, total=100, pretrain=50)
+    assert run_script("td3bc_pretrain.py", *run_args, "--run-name", "td3bc", cwd=tmp_path).returncode == 0
+    result = run_script(script, "--resume", "runs/td3bc", "--total-steps", 200, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "runs/td3bc is a run of td3bc_pretrain.py" in result.stderr and "python td3bc_pretrain.py --resume" \
+        in result.stderr
+
+
+def test_any_minari_id_resolves_to_its_environment(minari_path):
+    from conftest import load_script, make_tiny_dataset
+
+    make_tiny_dataset("tinyhopper-v0", num_episodes=2)  # a local id without a namespace
+    module = load_script("td3bc_pretrain.py")
+    assert module.resolve_dataset("tinyhopper-v0") == (["tinyhopper-v0"], "tinyhopper", "tinyhopper")
+    assert module.resolve_dataset("myteam/hopper-expert-v0") == (["myteam/hopper-expert-v0"], "hopper", "expert")
+    assert module.resolve_dataset("mujoco/hopper/medium-replay-v0")[1:] == ("hopper", "medium-replay")
+    assert module.same_env_here("mujoco/hopper/medium-v0", ["local/hopper/medium-v0", "local/walker2d/medium-v0"]) \
+        == "This machine has local/hopper/medium-v0 (pass one to --env-id)."
+
+
+def test_a_copied_script_finds_returns_py_beside_it(tmp_path):
+    import shutil
+
+    (tmp_path / "project").mkdir()
+    shutil.copy(REPO / "algos" / "edac_pretrain.py", tmp_path / "project")
+    shutil.copy(REPO / "common" / "returns.py", tmp_path / "project")
+    result = subprocess.run([sys.executable, "project/edac_pretrain.py", "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--num-critics" in result.stdout, result.stderr
+
+
 def test_missing_local_dataset_says_how_to_make_it(tiny_dataset, tmp_path):
     result = run_script("td3bc_pretrain.py", "--env-id", "local/hopper/medium-v0", cwd=tmp_path)
     assert "`python common/make_dataset.py --env-id Hopper-v5` writes local/hopper/medium-v0" in result.stderr
@@ -194,6 +237,24 @@ def test_evaluator_prints_scores_and_writes_videos(tiny_dataset, tmp_path):
     import imageio
 
     assert imageio.get_reader(videos[0]).count_frames() > 1
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--episodes", 0], "--episodes must be at least 1"),
+    (["--capture-video"], "set MUJOCO_GL=egl"),
+    (["--device", "cuda"], "sees no CUDA GPU here; use --device cpu"),
+    ([], "could not read"),  # the model.pt below is not one
+])
+def test_evaluator_errors_say_what_to_do(args, expected, tmp_path):
+    if (args == ["--device", "cuda"] and torch.cuda.is_available()) or (args == ["--capture-video"] and
+                                                                        os.environ.get("DISPLAY")):
+        pytest.skip("this machine can do it")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes(b"not a model")
+    env = {key: value for key, value in os.environ.items() if key != "MUJOCO_GL"}
+    result = subprocess.run([sys.executable, str(REPO / "common" / "evaluate.py"), "run", *map(str, args)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_tracking_with_weights_and_biases_offline(tiny_dataset, tmp_path):
