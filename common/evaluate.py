@@ -2,8 +2,9 @@
 
 Loads RUN_DIR/model.pt (with torch.load(..., weights_only=True): tensors and plain Python values only),
 rebuilds the deterministic actor without importing the training script, runs the dataset's evaluation
-environment and prints the mean and spread of the return and of the normalised score. With the same
---seed and --episodes as a training run's evaluation it reproduces that evaluation's returns exactly.
+environment and prints the mean and spread of the return and of the normalised score. A training run of
+--seed K evaluated at step S starts its episodes from seed K * 10**8 + S: pass that as --seed, with the same
+--episodes, and the returns are that evaluation's exactly (the final one of a seed-0 run of 100k steps: --seed 100000).
 
     python common/evaluate.py runs/<run-name>                       # 10 episodes, seed 0
     python common/evaluate.py runs/<run-name> --episodes 50 --seed 1
@@ -37,7 +38,7 @@ class Args:
     episodes: int = 10
     """evaluation episodes"""
     seed: int = 0
-    """episode i starts from env.reset(seed=seed + i)"""
+    """episode i starts from env.reset(seed=seed + i) (a training run's evaluation at step S: seed * 10**8 + S)"""
     capture_video: bool = False
     """write an MP4 of each episode to RUN_DIR/videos (headless machines: MUJOCO_GL=egl)"""
     device: str = "cpu"
@@ -87,8 +88,12 @@ def load_model(run_dir: str) -> dict:
     if not path.exists():
         raise SystemExit(f"error: no model.pt in '{run_dir}': pass the directory of a finished run (runs/<run-name>)"
                          "; an interrupted run can be finished with `python algos/<script>.py --resume <dir>`.")
-    model = torch.load(path, map_location="cpu", weights_only=True)
-    if "max_action" not in model:
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # cut short, or not a file the scripts wrote
+        raise SystemExit(f"error: could not read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "it is not a model.pt as the scripts in algos/ write it, or it was cut short.")
+    if not isinstance(model, dict) or "max_action" not in model:
         raise SystemExit(f"error: {path} was written by an older version of the scripts; retrain, or load it with "
                          "the training script's own Actor class.")
     return model
@@ -121,8 +126,20 @@ def main(args: Args) -> None:
     import gymnasium as gym
     import minari
 
+    if args.episodes < 1:
+        raise SystemExit(f"error: --episodes must be at least 1, got {args.episodes}.")
+    if args.capture_video and sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                                        or os.environ.get("MUJOCO_GL")):
+        raise SystemExit("error: --capture-video renders with OpenGL, and this machine has no display: set "
+                         "MUJOCO_GL=egl (or osmesa), e.g. MUJOCO_GL=egl python common/evaluate.py ... --capture-video.")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}, but this torch sees no CUDA GPU here; use --device cpu.")
     model = load_model(args.run_dir)
-    policy = load_policy(args.run_dir, args.device)
+    policy = load_policy(args.run_dir, device)
     dataset = minari.load_dataset(model["dataset_ids"][0])
     render = {"render_mode": "rgb_array"} if args.capture_video else {}
     envs = [dataset.recover_environment(eval_env=True, **render) for _ in range(args.episodes)]
