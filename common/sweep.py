@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Args:
-    experiments: tyro.conf.Positional[tuple[str, ...]]
+    experiments: tyro.conf.Positional[tuple[str, ...]] = ()
     """experiment names from --experiments-file, or all"""
     experiments_file: str = str(ROOT / "benchmark_results" / "experiments.toml")
     """the TOML file that declares the experiments"""
@@ -275,20 +275,29 @@ def warn_missing_datasets(runs) -> None:
               "Make them first: benchmark_results/README.md, 'How to reproduce', has the commands.")
 
 
+def select(runs, values, key, flag) -> list:
+    """The runs whose key(run) is among values (all when values is None); a value that matches no run is an
+    error that lists what the runs have."""
+    if values is None:
+        return runs
+    declared = sorted({key(run) for run in runs})
+    unknown = [value for value in values if value not in declared]
+    if unknown:
+        raise SystemExit(f"error: {flag} {' '.join(map(str, unknown))} matches none of these runs; they have "
+                         f"{flag} {' '.join(map(str, declared))}")
+    return [run for run in runs if key(run) in values]
+
+
 def main(args: Args) -> None:
     with open(args.experiments_file, "rb") as f:
         experiments = tomllib.load(f)
+    if not args.experiments:
+        raise SystemExit(f"error: name the experiments to run (or all); {args.experiments_file} declares: "
+                         f"{', '.join(experiments)}")
     runs = expand(experiments, args.experiments)
-    if args.seeds is not None:
-        runs = [run for run in runs if int(run.name.rsplit("__s", 1)[1]) in args.seeds]
-    if args.datasets is not None:
-        runs = [run for run in runs if run.flags[run.flags.index("--env-id") + 1] in args.datasets]
-    if args.conditions is not None:
-        declared = {run.name.split("/", 1)[1].split("__")[0] for run in runs}
-        if set(args.conditions) - declared:
-            raise SystemExit(f"error: no condition {', '.join(sorted(set(args.conditions) - declared))} in "
-                             f"{', '.join(args.experiments)}; declared: {', '.join(sorted(declared))}")
-        runs = [run for run in runs if run.name.split("/", 1)[1].split("__")[0] in args.conditions]
+    runs = select(runs, args.seeds, lambda run: int(run.name.rsplit("__s", 1)[1]), "--seeds")
+    runs = select(runs, args.datasets, lambda run: run.flags[run.flags.index("--env-id") + 1], "--datasets")
+    runs = select(runs, args.conditions, lambda run: run.name.split("/", 1)[1].split("__")[0], "--conditions")
     runs_dir = (Path(args.work_dir) / "runs").resolve()
     todo = [run for run in runs if not (runs_dir / run.name / "model.pt").exists()]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run "

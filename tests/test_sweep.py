@@ -185,5 +185,11 @@ def test_datasets_seeds_and_conditions_select_runs_of_the_grid(tmp_path):
     commands = [line for line in result.stdout.splitlines() if "--run-name" in line]
     assert result.returncode == 0 and len(commands) == 1 and "g/c__b-y-medium-v0__s1" in commands[0]
     typo = subprocess.run([*sweep, "e"], capture_output=True, text=True, timeout=120)
-    assert typo.returncode == 1 and "error: no condition e in g; declared: c, d" in typo.stderr
+    assert typo.returncode == 1 and "error: --conditions e matches none of these runs; they have --conditions c d" \
+        in typo.stderr
+    seeds = subprocess.run([*sweep[:-1], "--seeds", "7"], capture_output=True, text=True, timeout=120)
+    assert seeds.returncode == 1 and "error: --seeds 7 matches none of these runs; they have --seeds 0 1" \
+        in seeds.stderr
+    nothing = subprocess.run([*sweep[:2], "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 1 and "error: name the experiments to run (or all)" in nothing.stderr
     assert "warning: 2 dataset(s)" not in result.stdout and "b/y/medium-v0" in result.stdout.split("\n")[1]
