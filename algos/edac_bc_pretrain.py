@@ -10,7 +10,7 @@ entropy-regularised agent value the actor's entropy too:
      "soft" Monte-Carlo return (rewards plus discounted entropy bonuses) computed for every transition;
      all N critics regress onto it, with EDAC's diversity term on;
   3. EDAC continues from those networks, target networks and optimiser states.
-LayerNorm follows every hidden linear layer of actor and critics. With --lam > 0 the critics regress
+By default LayerNorm follows every hidden linear layer of actor and critics. With --lam > 0 the critics regress
 onto soft lambda-returns (lam = 0 is pure Monte-Carlo, lam = 1 one-step TD): they first fit the soft
 Monte-Carlo returns for one --lambda-refresh-interval, and only then are the lambda-returns computed
 from them, and recomputed every interval after that.
@@ -535,8 +535,8 @@ def states_normalised_on_device(data, device):
 
 def main(args: Args) -> None:
     args, checkpoint = prepare_args(args)  # a resumed run's own settings, per-dataset defaults, checks
+    device = setup_device(args)  # first: a device that cannot work is refused before the data load
     datasets, data = load_data(args.env_id)  # every transition as flat NumPy arrays, checked
-    device = setup_device(args)
     torch.manual_seed(args.seed)  # network initialisation
     sampler = make_sampler(args.seed, device)  # every later random draw: batch indices and noise
     data, obs_stats = states_normalised_on_device(data, device)
@@ -732,8 +732,9 @@ def check_args(args: Args, defaulted) -> None:
         if (getattr(args, name) or 0) < 0]
     problems += [rule for rule, holds in {
         f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}": 0 <= args.lam <= 1,
-        "--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive":
-            0 < args.tau <= 1 and 0 <= args.gamma < 1 and args.learning_rate > 0,
+        f"--tau must lie in (0, 1], got {args.tau}": 0 < args.tau <= 1,
+        f"--gamma must lie in [0, 1), got {args.gamma}": 0 <= args.gamma < 1,
+        f"--learning-rate must be positive, got {args.learning_rate}": args.learning_rate > 0,
         f"--num-critics must be at least 2 (EDAC's diversity term compares critics), got {args.num_critics}":
             args.num_critics >= 2,
         f"--eta must not be negative, got {args.eta}": args.eta >= 0,
@@ -755,8 +756,8 @@ def setup_device(args: Args) -> torch.device:
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                               else args.device)
-    except RuntimeError as e:
-        raise SystemExit(f"error: --device {args.device}: {e}")
+    except RuntimeError:
+        raise SystemExit(f"error: --device {args.device} is not a torch device; use cpu, cuda, cuda:<index> or auto.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU here; "
                          "use --device cpu (or auto, which picks a GPU when there is one).")

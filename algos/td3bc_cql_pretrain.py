@@ -7,10 +7,10 @@ Devlin and Storkey, 2024, arXiv 2406.13376) on top of TD3+BC (Fujimoto and Gu, 2
      jointly on the same batches, so actor and critic start as a consistent pair that already values
      the behaviour policy;
   3. continue with TD3+BC from those networks, target networks and optimiser states.
-LayerNorm follows every hidden linear layer of actor and critic. With --lam > 0 the critics regress
-onto lambda-returns (lam = 0 is pure Monte-Carlo, lam = 1 one-step TD) for small or stochastic data:
-they first fit the Monte-Carlo returns for one --lambda-refresh-interval, and only then are the
-lambda-returns computed from them, and recomputed every interval after that.
+By default LayerNorm follows every hidden linear layer of actor and critic. For small or stochastic data,
+--lam > 0 makes the critics regress onto lambda-returns (0 is pure Monte-Carlo, 1 one-step TD): they
+first fit the Monte-Carlo returns for one --lambda-refresh-interval, and only then are the lambda-returns
+computed from them, and recomputed every interval after that.
 For data-limited tasks (Adroit) the critics also carry the CQL regulariser (Kumar et al., 2020), in
 pre-training and in TD3+BC, so that they do not overvalue actions the data never shows:
   R = sum_j [ mean_s logsumexp_k Q_j(s, u_k) - mean Q_j(s, a) ],  u_k ~ U[-1, 1]^|A|,
@@ -390,8 +390,8 @@ def states_normalised_on_device(data, device):
 
 def main(args: Args) -> None:
     args, checkpoint = prepare_args(args)  # a resumed run's own settings, per-dataset defaults, checks
+    device = setup_device(args)  # first: a device that cannot work is refused before the data load
     datasets, data = load_data(args.env_id)  # every transition as flat NumPy arrays, checked
-    device = setup_device(args)
     torch.manual_seed(args.seed)  # network initialisation
     sampler = make_sampler(args.seed, device)  # every later random draw: batch indices and noise
 
@@ -565,8 +565,9 @@ def check_args(args: Args, defaulted) -> None:
         if (getattr(args, name) or 0) < 0]
     problems += [rule for rule, holds in {
         f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}": 0 <= args.lam <= 1,
-        "--tau must lie in (0, 1], --gamma in [0, 1) and --learning-rate be positive":
-            0 < args.tau <= 1 and 0 <= args.gamma < 1 and args.learning_rate > 0}.items() if not holds]
+        f"--tau must lie in (0, 1], got {args.tau}": 0 < args.tau <= 1,
+        f"--gamma must lie in [0, 1), got {args.gamma}": 0 <= args.gamma < 1,
+        f"--learning-rate must be positive, got {args.learning_rate}": args.learning_rate > 0}.items() if not holds]
     if args.pretrain_steps > args.total_steps > 0:  # (a non-positive total is reported above)
         source = {key: ", this dataset's default" if key in defaulted else "" for key in ("pretrain_steps",
                                                                                          "total_steps")}
@@ -581,8 +582,8 @@ def setup_device(args: Args) -> torch.device:
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                               else args.device)
-    except RuntimeError as e:
-        raise SystemExit(f"error: --device {args.device}: {e}")
+    except RuntimeError:
+        raise SystemExit(f"error: --device {args.device} is not a torch device; use cpu, cuda, cuda:<index> or auto.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU here; "
                          "use --device cpu (or auto, which picks a GPU when there is one).")
