@@ -109,8 +109,9 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation of a checkpoint"""
     medium_policy: Optional[str] = None
-    """write medium-v0 from this saved policy (a policy_medium.npz of an earlier run) instead of training;
-    skips medium-replay-v0"""
+    """write medium-v0 from this saved policy instead of training (a <work-dir>/<env>/policy_step<N>.npz of an
+    earlier run, the one its medium-v0 metadata name, or one of benchmark_results/behaviour_policies/); skips
+    medium-replay-v0"""
     expert_policy: Optional[str] = None
     """with --medium-policy: also write expert-v0 and medium-expert-v0 from this saved policy"""
     sac_max_steps: int = 1_000_000
@@ -254,7 +255,7 @@ def read_policy(path):
 def load_policy(path, env, args):
     """The saved policy for --medium-policy / --expert-policy, refused with what to do when it cannot serve."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: no policy file '{path}'; pass a policy_medium.npz saved by make_dataset.py.")
+        raise SystemExit(f"error: no policy file '{path}'; pass a policy_step<N>.npz saved by make_dataset.py.")
     policy, saved = read_policy(path)
     if "env_id" in saved and env_short_name(saved["env_id"]) != env_short_name(args.env_id):
         raise SystemExit(f"error: {path} is a policy for {saved['env_id']}, not {args.env_id}; pass the policy "
@@ -710,7 +711,11 @@ def trained_policies(args, settings, env, work_dir):
 
 def main(args: Args) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up as Ctrl-C does
-    env = gym.make(args.env_id)
+    try:
+        env = gym.make(args.env_id)
+    except gym.error.Error as e:  # an id Gymnasium does not know, or an environment it cannot build here
+        raise SystemExit(f"error: --env-id {args.env_id}: {e} Pass a Gymnasium id such as Hopper-v5, HalfCheetah-v5 "
+                         "or Walker2d-v5.")
     if not isinstance(env.action_space, gym.spaces.Box):
         raise SystemExit(f"error: {args.env_id} has a {type(env.action_space).__name__} action space; "
                          "make_dataset.py needs a continuous (Box) one.")

@@ -199,6 +199,7 @@ def test_medium_policy_rebuilds_the_dataset_bitwise(made_by_sac, tmp_path):
     ("Walker2d-v5", ("--protocol", "mean-plus-noise", "--medium-policy", str(OLD_POLICIES / "hopper_medium.npz")),
      "does not fit Walker2d-v5"),
     ("Hopper-v5", ("--learner", "ars"), "add --protocol mean-plus-noise"),
+    ("Hoper-v5", (), "error: --env-id Hoper-v5: "),  # a typo: Gymnasium's own suggestion, in one line
     ("Hopper-v5", ("--expert-policy", "SAC"), "--expert-policy needs --medium-policy"),
     ("Hopper-v5", ("--medium-return", "100000", "--sac-random-steps", "100", "--sac-max-steps", "300",
                    "--sac-eval-every", "100", "--sac-hidden", "16"), "Re-run with a larger --sac-max-steps"),
