@@ -22,6 +22,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    run_dir: tyro.conf.Positional[str]
+    run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
     """a run directory written by one of the scripts in algos/ (it holds model.pt)"""
     episodes: int = 10
     """evaluation episodes"""

@@ -25,7 +25,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import tyro
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Args:
-    experiments: tyro.conf.Positional[tuple[str, ...]] = ()
+    experiments: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="EXPERIMENT...")]
     """experiment names from --experiments-file, or all"""
     experiments_file: str = str(ROOT / "benchmark_results" / "experiments.toml")
     """the TOML file that declares the experiments"""
