@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -60,6 +60,9 @@ class Args:
     """shell lines each SLURM job runs first, e.g. 'source ~/venv/bin/activate'"""
     work_dir: str = "."
     """the runs go to <work-dir>/runs/<experiment>/, as the scripts write them when started there"""
+    extra_flags: str = ""
+    """flags added to every run's command, new or resumed, such as --extra-flags=--compile on a GPU (with the =;
+    a resumed run accepts only the flags it may change, which the scripts' --resume help lists)"""
     dry_run: bool = False
     """print each run's command (and on SLURM the batch script) without running anything"""
 
@@ -71,14 +74,15 @@ class TrainingRun:
     name: str
     script: str
     flags: list
+    extra_flags: tuple = ()  # --extra-flags: for this machine (--compile), not part of the experiment
 
     def command(self, runs_dir: str, threads: int) -> list:
         """The command that finishes this run from wherever it stands: resume if it saved a checkpoint."""
         run_dir = Path(runs_dir) / self.name
         script = [sys.executable, str(ROOT / "algos" / self.script)]
         if (run_dir / "checkpoint.pt").exists():
-            return [*script, "--resume", str(run_dir), "--threads", str(threads)]
-        return [*script, *self.flags, "--run-name", self.name, "--threads", str(threads)]
+            return [*script, "--resume", str(run_dir), "--threads", str(threads), *self.extra_flags]
+        return [*script, *self.flags, "--run-name", self.name, "--threads", str(threads), *self.extra_flags]
 
 
 def expand(experiments: dict, names) -> list:
@@ -298,6 +302,7 @@ def main(args: Args) -> None:
     runs = select(runs, args.seeds, lambda run: int(run.name.rsplit("__s", 1)[1]), "--seeds")
     runs = select(runs, args.datasets, lambda run: run.flags[run.flags.index("--env-id") + 1], "--datasets")
     runs = select(runs, args.conditions, lambda run: run.name.split("/", 1)[1].split("__")[0], "--conditions")
+    runs = [replace(run, extra_flags=tuple(shlex.split(args.extra_flags))) for run in runs]
     runs_dir = (Path(args.work_dir) / "runs").resolve()
     todo = [run for run in runs if not (runs_dir / run.name / "model.pt").exists()]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run "

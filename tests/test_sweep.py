@@ -193,3 +193,18 @@ def test_datasets_seeds_and_conditions_select_runs_of_the_grid(tmp_path):
     nothing = subprocess.run([*sweep[:2], "--dry-run"], capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 1 and "error: name the experiments to run (or all)" in nothing.stderr
     assert "warning: 2 dataset(s)" not in result.stdout and "b/y/medium-v0" in result.stdout.split("\n")[1]
+
+
+def test_extra_flags_reach_new_and_resumed_runs(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[g]\nscript = "td3bc_pretrain.py"\ndatasets = ["a/x/medium-v0"]\nseeds = [0, 1]\n'
+                    'conditions = { c = "--total-steps 100" }\n')
+    (tmp_path / "runs" / "g" / "c__a-x-medium-v0__s1").mkdir(parents=True)
+    (tmp_path / "runs" / "g" / "c__a-x-medium-v0__s1" / "checkpoint.pt").write_bytes(b"")  # seed 1 resumes
+    result = subprocess.run([sys.executable, str(REPO / "common" / "sweep.py"), "g", "--experiments-file", str(grid),
+                             "--extra-flags=--compile --eval-episodes 2", "--dry-run", "--work-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    commands = [line for line in result.stdout.splitlines() if "td3bc_pretrain.py" in line]
+    assert result.returncode == 0 and len(commands) == 2, result.stdout + result.stderr
+    assert "--total-steps 100" in commands[0] and commands[0].endswith("--compile --eval-episodes 2")
+    assert "--resume" in commands[1] and commands[1].endswith("--threads 1 --compile --eval-episodes 2")
