@@ -120,7 +120,7 @@ def test_stopping_a_local_sweep_stops_its_runs_and_they_save(grid, tmp_path):
     finally:  # on failure, leave nothing training behind the test
         process.kill()
         subprocess.run(["pkill", "-f", f"run-name long/{run_dir.name}"], check=False)
-    assert "interrupted: 1 running runs saved their progress" in output, output
+    assert "interrupted: 1 running runs stopped, each saving a checkpoint" in output, output
     assert "interrupted at step" in run_dir.with_name(run_dir.name + ".log").read_text()
     step = torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
     time.sleep(2)
