@@ -619,7 +619,7 @@ def resolve_dataset(env_id: str):
     if "/" in env_id or env_id in minari.list_local_datasets():
         *namespace, name = env_id.split("/")
         d4rl_like = D4RL_NAME.match(name) if len(namespace) < 2 else None  # myteam/hopper-expert-v0
-        if d4rl_like:
+        if d4rl_like and d4rl_like["env"] in MINARI_HOSTS and not set(namespace) & set(MINARI_HOSTS):
             return [env_id], d4rl_like["env"], d4rl_like["quality"]
         quality = re.sub(r"-v\d+$", "", name)
         return [env_id], (namespace[-1] if namespace else quality).lower(), quality
@@ -683,7 +683,7 @@ def load_minari(dataset_id: str):
 def same_env_here(dataset_id: str, local) -> str:
     """'This machine has X, Y (pass one to --env-id).' for the local datasets of dataset_id's environment."""
     env_name = resolve_dataset(dataset_id)[1]
-    here = sorted(d for d in local if env_name in d.lower().split("/"))
+    here = sorted(d for d in local if resolve_dataset(d)[1] == env_name)
     return f"This machine has {', '.join(here)} (pass one to --env-id)." if here else ""
 
 

@@ -29,7 +29,8 @@ timeout 200 python benchmark_results/throughput.py --device cuda --steps "${STEP
     echo
     echo "## ${part^} networks"
     echo
-    if [ -f "$out/throughput_gpu_$part.md" ]; then tail -n +5 "$out/throughput_gpu_$part.md"; else echo "(did not finish)"; fi
+    if [ -f "$out/throughput_gpu_$part.md" ]; then tail -n +5 "$out/throughput_gpu_$part.md"
+    else echo "(did not finish)"; fi
   done
   echo
   echo "## One run end to end"

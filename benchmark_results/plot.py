@@ -103,11 +103,11 @@ def run_versions(events) -> str:
 
 
 def rows_without_runs(path, runs, runs_dir) -> list:
-    """The rows an earlier export wrote for declared runs whose directories are not under runs_dir (a fresh
-    machine, say): they stay, so an export refreshes the runs at hand and loses nothing of the others."""
+    """The rows an earlier export wrote for declared runs with no logs under runs_dir (a fresh machine, say):
+    they stay, so an export refreshes the runs at hand and loses nothing of the others."""
     if not path.exists():
         return []
-    absent = {run_key(run) for run in runs if not (Path(runs_dir) / run.name).exists()}
+    absent = {run_key(run) for run in runs if not any((Path(runs_dir) / run.name).glob("events*"))}
     with open(path) as f:
         return [row for row in list(csv.reader(f))[1:] if tuple(row[:3]) in absent]
 

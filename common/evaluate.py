@@ -129,8 +129,8 @@ def main(args: Args) -> None:
 
     if args.episodes < 1:
         raise SystemExit(f"error: --episodes must be at least 1, got {args.episodes}.")
-    if args.capture_video and sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
-                                                                        or os.environ.get("MUJOCO_GL")):
+    if args.capture_video and sys.platform.startswith("linux") and not any(
+            os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "MUJOCO_GL")):
         raise SystemExit("error: --capture-video renders with OpenGL, and this machine has no display: set "
                          "MUJOCO_GL=egl (or osmesa), e.g. MUJOCO_GL=egl python common/evaluate.py ... --capture-video.")
     try:

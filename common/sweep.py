@@ -226,8 +226,8 @@ def run_locally(executor, job, runs, limit):
         for run, handle in running:
             handle.cancel(check=False)
         still = [p.stem for p in pid_files if signal_run(p, 0)]
-        raise SystemExit(f"\ninterrupted: {len(running) - len(still)} running runs stopped, each saving a checkpoint once it "
-                         "had begun training, and "
+        raise SystemExit(f"\ninterrupted: {len(running) - len(still)} running runs stopped, each saving a "
+                         "checkpoint once it had begun training, and "
                          f"{len(pending)} did not start; run the same command again to go on."
                          + (f" Still running after 5 minutes: {', '.join(still)}." if still else ""))
     return failures
