@@ -42,7 +42,7 @@ ENSEMBLE = ("ensemble/std_data_actions", "ensemble/std_policy_actions", "ensembl
 # experiment -> (title, baseline condition, tags to export). Experiments not listed here use the first
 # condition declared as the baseline.
 FIGURES = {
-    "first_look": ("a first look on data made as D4RL made it (1 seed)", "td3bc_scratch", (SCORE,)),
+    "first_look": ("a first look on data made as D4RL made it (1 seed)", "td3bc_scratch", (SCORE, *ENSEMBLE)),
     "sampled_hopper_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "sampled_walker2d_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "sampled_halfcheetah_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
