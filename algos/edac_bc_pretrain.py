@@ -92,6 +92,9 @@ class Args:
     """size of the critic ensemble N (default per dataset from the authors' table, else 10)"""
     eta: Optional[float] = None
     """weight of EDAC's gradient-diversity term (default per dataset from the authors' table, else 1)"""
+    pretrain_eta: Optional[float] = None
+    """weight of the diversity term while the critics pre-train (default: --eta). Larger, it pushes critics fit to
+    the same returns to disagree off the data's actions, where EDAC's pessimism needs them to"""
     bc_weight: float = 1.0
     """weight of the behaviour-cloning term against the SAC actor loss, both scaled to unit size"""
     batch_size: int = 256
@@ -449,8 +452,9 @@ def bootstrap_weights(num_transitions, args, device):
 def critic_pretrain_step(learner, batch, returns_to_go, noise, args):
     """All N critics regress onto the soft returns, with the diversity term on; actor and alpha stay frozen."""
     weights = batch["critic_weights"].T if "critic_weights" in batch else None  # with --critic-bootstrap
+    eta = args.eta if args.pretrain_eta is None else args.pretrain_eta
     loss, parts = critic_loss_with_diversity(learner.critic, batch["observations"], batch["actions"], returns_to_go,
-                                             args.eta, weights)
+                                             eta, weights)
     learner.critic_opt.zero_grad(set_to_none=True)
     loss.backward()
     learner.critic_opt.step()
@@ -508,8 +512,9 @@ def schedule(args) -> str:
     actor_end, pretrain_end = pretrain_phases(args)
     phases = ([f"soft BC of the actor ({actor_end:,} steps)"] if actor_end else []) + \
         ([f"the critics on soft returns ({pretrain_end - actor_end:,} steps)"] if pretrain_end > actor_end else [])
+    pretrain_eta = f" ({args.pretrain_eta:g} in pre-training)" if args.pretrain_eta is not None else ""
     return (f"{args.total_steps:,} gradient steps: {', then '.join(phases + ['EDAC'])} with N = {args.num_critics} "
-            f"critics and eta {args.eta:g}" + lambda_schedule(args, pretrain_end - actor_end))
+            f"critics and eta {args.eta:g}{pretrain_eta}" + lambda_schedule(args, pretrain_end - actor_end))
 
 
 def lambda_schedule(args, critic_steps) -> str:
@@ -738,6 +743,7 @@ def check_args(args: Args, defaulted) -> None:
         f"--num-critics must be at least 2 (EDAC's diversity term compares critics), got {args.num_critics}":
             args.num_critics >= 2,
         f"--eta must not be negative, got {args.eta}": args.eta >= 0,
+        f"--pretrain-eta must not be negative, got {args.pretrain_eta}": (args.pretrain_eta or 0) >= 0,
         f"--actor-pretrain-fraction must lie in [0, 1], got {args.actor_pretrain_fraction}":
             0 <= args.actor_pretrain_fraction <= 1,
         f"--action-saturation must lie in (0, 1], got {args.action_saturation}": 0 < args.action_saturation <= 1,

@@ -1,6 +1,7 @@
 """edac_pretrain.py, edac_bc_pretrain.py and td3bc_cql_pretrain.py: their pieces checked against
 independent computations, and each script run end to end on a tiny local Minari dataset."""
 
+import copy
 import dataclasses
 import math
 
@@ -95,6 +96,33 @@ def test_bootstrap_resamples_weight_each_critics_regression_on_its_own():
     many = edac.bootstrap_weights(100_000, edac.Args(num_critics=2), "cpu")
     assert abs(many.mean().item() - 1) < 0.01 and abs(many.var().item() - 1) < 0.02  # Poisson(1)
     assert (many[:, 0] != many[:, 1]).float().mean() > 0.5  # each critic its own resample
+
+
+def test_pretrain_eta_weighs_the_diversity_term_of_critic_pretraining_only():
+    """One critic pre-training step with --pretrain-eta 3 (and --eta 1) is one Adam step on regression + 3 x the
+    diversity term, both worked out member by member."""
+    torch.manual_seed(0)
+    args = edac.Args(num_critics=3, hidden_dim=16, eta=1.0, pretrain_eta=3.0, learning_rate=1e-3)
+    learner = edac.make_learner(4, 2, 1.0, args, torch.device("cpu"))
+    by_hand = copy.deepcopy(learner.critic)
+    batch = {"observations": torch.randn(8, 4), "actions": torch.rand(8, 2) * 2 - 1}
+    returns = torch.randn(8)
+    edac.critic_pretrain_step(learner, batch, returns, torch.randn(8, 2), args)
+
+    grads, regression = [], 0.0
+    for i in range(3):
+        a = batch["actions"].clone().requires_grad_(True)
+        q = by_hand(batch["observations"], a)[i]
+        regression = regression + ((q - returns) ** 2).mean()
+        g = torch.autograd.grad(q.sum(), a, create_graph=True)[0]
+        grads.append(g / (g.norm(dim=-1, keepdim=True) + 1e-10))
+    diversity = sum((grads[i] * grads[j]).sum(-1) for i in range(3) for j in range(3) if i != j).mean() / 2
+    optimiser = torch.optim.Adam(by_hand.parameters(), lr=1e-3)
+    (regression + 3.0 * diversity).backward()
+    optimiser.step()
+    for mine, theirs in zip(learner.critic.parameters(), by_hand.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert "eta 1 (3 in pre-training)" in edac.schedule(dataclasses.replace(args, total_steps=10, pretrain_steps=4))
 
 
 def test_ensemble_spread_is_the_std_across_critics_where_the_actor_acts():
