@@ -814,17 +814,7 @@ class Run:
         self.start_step, self.phase = (checkpoint["step"], checkpoint["phase"]) if checkpoint else (0, None)
         score_note = (f"normalised with {self.reference[2]}: random {self.reference[0]:g}, expert {self.reference[1]:g}"
                       if self.reference else f"not normalised (no reference returns for '{env_name}'): returns only")
-        protocol = " (the paper's for Adroit: --eval-protocol adroit)" if env_name in ADROIT_DEMO_LENGTHS and \
-            args.eval_protocol != "adroit" else ""
-        threads = torch.get_num_threads()
-        print((f"resuming {self.dir} at step {self.start_step} ({self.phase})\n" if checkpoint else "")
-              + f"{Path(__file__).name}: {' + '.join(self.dataset_ids)}, {sum(d.total_steps for d in datasets):,} "
-              f"transitions in {sum(d.total_episodes for d in datasets):,} episodes\n  {schedule}\n  device {device}"
-              + (f" ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else "")
-              + f", precision {args.precision}, compile {'on' if args.compile else 'off'}\n  evaluation every "
-              f"{args.eval_interval:,} steps on {args.eval_episodes} episode{'s' * (args.eval_episodes != 1)}"
-              f"{protocol}; scores {score_note}\n  writing to "
-              f"{self.dir}", flush=True)
+        print(self.summary(datasets, env_name, schedule, score_note, resumed=checkpoint is not None), flush=True)
         self.wandb_id = (checkpoint or {}).get("wandb_id") or os.urandom(6).hex()
         if args.track:
             try:
@@ -845,6 +835,19 @@ class Run:
         self.sums, self.last_log = {}, (time.time(), self.start_step)
         self.progress = tqdm(total=args.total_steps, initial=self.start_step, desc=self.phase, unit="step",
                              mininterval=REFRESH, miniters=1, dynamic_ncols=True)
+
+    def summary(self, datasets, env_name, schedule, score_note, resumed) -> str:
+        """What the run does, on what, and where it writes: the lines printed at its start."""
+        args, device, threads = self.args, self.device, torch.get_num_threads()
+        protocol = " (the paper's for Adroit: --eval-protocol adroit)" if env_name in ADROIT_DEMO_LENGTHS and \
+            args.eval_protocol != "adroit" else ""
+        return ((f"resuming {self.dir} at step {self.start_step} ({self.phase})\n" if resumed else "")
+                + f"{Path(__file__).name}: {' + '.join(self.dataset_ids)}, {sum(d.total_steps for d in datasets):,} "
+                f"transitions in {sum(d.total_episodes for d in datasets):,} episodes\n  {schedule}\n  device {device}"
+                + (f" ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else "")
+                + f", precision {args.precision}, compile {'on' if args.compile else 'off'}\n  evaluation every "
+                f"{args.eval_interval:,} steps on {args.eval_episodes} episode{'s' * (args.eval_episodes != 1)}"
+                f"{protocol}; scores {score_note}\n  writing to {self.dir}")
 
     def on_signal(self, signum, frame):
         if self.stop_signal is not None and not self.saving and signum == signal.SIGINT:
