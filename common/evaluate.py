@@ -44,6 +44,9 @@ class Args:
     """write an MP4 of each episode to RUN_DIR/videos (headless machines: MUJOCO_GL=egl)"""
     device: str = "cpu"
     """torch device for the actor"""
+    threads: int = 1
+    """torch CPU threads: the actor sees one state per episode at a time, too few to share among cores, and more
+    threads would only compete with training runs on the same machine"""
 
 
 class Policy(nn.Module):
@@ -86,6 +89,8 @@ class Policy(nn.Module):
 
 def load_model(run_dir: str) -> dict:
     path = Path(run_dir) / "model.pt" if Path(run_dir).is_dir() else Path(run_dir)
+    if not Path(run_dir).exists():
+        raise SystemExit(f"error: there is no '{run_dir}': pass the directory of a finished run (runs/<run-name>).")
     if not path.exists():
         raise SystemExit(f"error: no model.pt in '{run_dir}': pass the directory of a finished run (runs/<run-name>)"
                          "; an interrupted run can be finished with `python algos/<script>.py --resume <dir>`.")
@@ -127,8 +132,10 @@ def main(args: Args) -> None:
     import gymnasium as gym
     import minari
 
-    if args.episodes < 1:
-        raise SystemExit(f"error: --episodes must be at least 1, got {args.episodes}.")
+    for name in ("episodes", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name} must be at least 1, got {getattr(args, name)}.")
+    torch.set_num_threads(args.threads)
     if args.capture_video and sys.platform.startswith("linux") and not any(
             os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "MUJOCO_GL")):
         raise SystemExit("error: --capture-video renders with OpenGL, and this machine has no display: set "
@@ -156,7 +163,7 @@ def main(args: Args) -> None:
         returns = evaluate(policy, envs, args.seed, model["ignore_terminated_until"], bar)
     for env in envs:
         env.close()
-    print(f"{model['script']} on {model['dataset_ids'][0]}, {args.episodes} episodes from seed {args.seed}: "
+    print(f"{model['script']} on {model['dataset_ids'][0]}, {args.episodes} episode{'s' * (args.episodes > 1)} from seed {args.seed}: "
           f"return {returns.mean():.1f} ± {returns.std():.1f} (min {returns.min():.1f}, max {returns.max():.1f})")
     if model["reference"] is not None:
         low, high = model["reference"][:2]

@@ -244,6 +244,7 @@ def test_evaluator_prints_scores_and_writes_videos(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["--episodes", 0], "--episodes must be at least 1"),
+    (["--threads", 0], "--threads must be at least 1"),
     (["--capture-video"], "set MUJOCO_GL=egl"),
     (["--device", "cuda"], "sees no CUDA GPU here; use --device cpu"),
     ([], "could not read"),  # the model.pt below is not one
@@ -258,6 +259,12 @@ def test_evaluator_errors_say_what_to_do(args, expected, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "common" / "evaluate.py"), "run", *map(str, args)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_evaluator_says_when_the_run_directory_does_not_exist(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "common" / "evaluate.py"), "runs/nope"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "there is no 'runs/nope'" in result.stderr, result.stderr
 
 
 def test_tracking_with_weights_and_biases_offline(tiny_dataset, tmp_path):
