@@ -51,7 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 try:
     from common.returns import lambda_returns, mc_returns  # noqa: E402
 except ModuleNotFoundError:
-    from returns import lambda_returns, mc_returns  # noqa: E402
+    try:
+        from returns import lambda_returns, mc_returns  # noqa: E402
+    except ModuleNotFoundError:
+        raise SystemExit("error: this script needs returns.py beside it (common/returns.py of the project it comes "
+                         "from): copy that file next to the script.")
 
 
 @dataclass
@@ -525,8 +529,9 @@ def load_checkpoint(run_dir: str) -> dict:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # any device may resume it
     script = checkpoint.get("script", Path(__file__).stem)  # older checkpoints do not say
     if script != Path(__file__).stem:
+        other = os.path.relpath(Path(__file__).with_name(f"{script}.py"))
         raise SystemExit(f"error: {run_dir} is a run of {script}.py, whose settings and networks this script does "
-                         f"not share; resume it with that script: python {script}.py --resume {run_dir}")
+                         f"not share; resume it with that script: python {other} --resume {run_dir}")
     return checkpoint
 
 
@@ -561,13 +566,15 @@ def check_args(args: Args, defaulted) -> None:
         "total_steps", "cql_num_actions", "batch_size", "hidden_dim", "eval_interval", "log_interval", "policy_freq",
         "lambda_refresh_interval") if getattr(args, name) <= 0]
     problems += [f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}" for name in (
-        "pretrain_steps", "cql_weight", "eval_episodes", "checkpoint_interval", "threads")
+        "pretrain_steps", "cql_weight", "eval_episodes", "checkpoint_interval")
         if (getattr(args, name) or 0) < 0]
     problems += [rule for rule, holds in {
         f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}": 0 <= args.lam <= 1,
         f"--tau must lie in (0, 1], got {args.tau}": 0 < args.tau <= 1,
         f"--gamma must lie in [0, 1), got {args.gamma}": 0 <= args.gamma < 1,
-        f"--learning-rate must be positive, got {args.learning_rate}": args.learning_rate > 0}.items() if not holds]
+        f"--learning-rate must be positive, got {args.learning_rate}": args.learning_rate > 0,
+        f"--threads must be positive, got {args.threads}": args.threads is None or args.threads > 0,
+    }.items() if not holds]
     if args.pretrain_steps > args.total_steps > 0:  # (a non-positive total is reported above)
         source = {key: ", this dataset's default" if key in defaulted else "" for key in ("pretrain_steps",
                                                                                          "total_steps")}
@@ -645,7 +652,9 @@ def make_locally(env_name: str) -> str:
         return ""
     env = {"halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}.get(env_name, f"{env_name.capitalize()}-v5")
     return (f"To make data locally, use make_dataset.py from the project this script comes from: `python "
-            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/medium-v0 and medium-replay-v0.")
+            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/medium-v0 and medium-replay-v0 (in a "
+            f"minute with --medium-policy benchmark_results/behaviour_policies/{env_name}_medium.npz, else after "
+            "training a SAC policy).")
 
 
 def did_you_mean(name: str) -> str:
@@ -657,13 +666,14 @@ def did_you_mean(name: str) -> str:
 
 def load_data(env_id: str):
     """The Minari datasets behind --env-id, and all their transitions as flat, checked NumPy arrays."""
-    datasets = [load_minari(dataset_id) for dataset_id in resolve_dataset(env_id)[0]]
+    dataset_ids = resolve_dataset(env_id)[0]
+    datasets = [load_minari(dataset_id, dataset_ids) for dataset_id in dataset_ids]
     data = flatten_episodes(datasets)
     check_data(data, datasets[0].action_space)
     return datasets, data
 
 
-def load_minari(dataset_id: str):
+def load_minari(dataset_id: str, dataset_ids):
     local, where = minari.list_local_datasets(), os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     if dataset_id not in local and dataset_id.split("/")[0] not in ("mujoco", "D4RL"):  # no download: say what is here
         here = ", ".join(sorted(local)[:12]) + (", ..." if len(local) > 12 else "") if local else "none"
@@ -676,7 +686,8 @@ def load_minari(dataset_id: str):
     except Exception as e:  # no network, unknown remote ids, incompatible versions
         raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine (MINARI_DATASETS_PATH={where}) and "
                          f"Minari could not download it ({type(e).__name__}: {str(e)[:200]}). Download it where there "
-                         f"is internet with `minari download {dataset_id}` and copy it to that folder. "
+                         f"is internet with `minari download {' '.join(d for d in dataset_ids if d not in local)}` and "
+                         "copy it to that folder. "
                          f"{same_env_here(dataset_id, local) or make_locally(resolve_dataset(dataset_id)[1])}")
 
 
@@ -845,9 +856,10 @@ class Run:
                 + f"{Path(__file__).name}: {' + '.join(self.dataset_ids)}, {sum(d.total_steps for d in datasets):,} "
                 f"transitions in {sum(d.total_episodes for d in datasets):,} episodes\n  {schedule}\n  device {device}"
                 + (f" ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else "")
-                + f", precision {args.precision}, compile {'on' if args.compile else 'off'}\n  evaluation every "
-                f"{args.eval_interval:,} steps on {args.eval_episodes} episode{'s' * (args.eval_episodes != 1)}"
-                f"{protocol}; scores {score_note}\n  writing to {self.dir}")
+                + f", precision {args.precision}, compile {'on' if args.compile else 'off'}\n  "
+                + (f"evaluation every {args.eval_interval:,} steps and at the end on {args.eval_episodes} episode"
+                   f"{'s' * (args.eval_episodes != 1)}{protocol}; scores {score_note}" if args.eval_episodes else
+                   "no evaluation (--eval-episodes 0)") + f"\n  writing to {self.dir}")
 
     def on_signal(self, signum, frame):
         if self.stop_signal is not None and not self.saving and signum == signal.SIGINT:

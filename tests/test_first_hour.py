@@ -128,8 +128,11 @@ def test_start_up_summary_and_threads(tiny_dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     for text in ("test/hopper/medium-v0, 795 transitions in 40 episodes", "device cpu (1 thread)",
                  "soft BC of the actor (50 steps), then the critics on soft returns (50 steps), then EDAC with N = 3",
-                 "writing to runs/summary"):
+                 "writing to runs/summary", "evaluation every 600 steps and at the end on 2 episodes"):
         assert text in result.stdout, result.stdout
+    result = run_script("td3bc_pretrain.py", *flags("td3bc_pretrain.py", tiny_dataset, total=20, pretrain=10),
+                        "--eval-episodes", 0, "--run-name", "blind", cwd=tmp_path)
+    assert result.returncode == 0 and "no evaluation (--eval-episodes 0)" in result.stdout, result.stderr
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -168,7 +171,8 @@ def test_resuming_with_another_script_is_refused(script, tiny_dataset, tmp_path)
     assert run_script("td3bc_pretrain.py", *run_args, "--run-name", "td3bc", cwd=tmp_path).returncode == 0
     result = run_script(script, "--resume", "runs/td3bc", "--total-steps", 200, cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "runs/td3bc is a run of td3bc_pretrain.py" in result.stderr and "python td3bc_pretrain.py --resume" \
+    other = os.path.relpath(REPO / "algos" / "td3bc_pretrain.py", tmp_path)  # a command that works from here
+    assert "runs/td3bc is a run of td3bc_pretrain.py" in result.stderr and f"python {other} --resume runs/td3bc" \
         in result.stderr
 
 
@@ -196,6 +200,26 @@ def test_a_copied_script_finds_returns_py_beside_it(tmp_path):
     result = subprocess.run([sys.executable, "project/edac_pretrain.py", "--help"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--num-critics" in result.stdout, result.stderr
+    (tmp_path / "alone").mkdir()  # the script without returns.py: one line says what to copy
+    shutil.copy(REPO / "algos" / "td3bc_pretrain.py", tmp_path / "alone")
+    result = subprocess.run([sys.executable, "alone/td3bc_pretrain.py", "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "needs returns.py beside it" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_d4rl_name_offline_names_every_dataset_to_download(monkeypatch, minari_path):
+    from conftest import load_script
+
+    module = load_script("td3bc_pretrain.py")
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(module.minari, "load_dataset", no_network)
+    with pytest.raises(SystemExit) as exit_info:
+        module.load_data("walker2d-medium-expert-v2")
+    assert "`minari download mujoco/walker2d/medium-v0 mujoco/walker2d/expert-v0`" in str(exit_info.value.code)
 
 
 def test_missing_local_dataset_says_how_to_make_it(tiny_dataset, tmp_path):
