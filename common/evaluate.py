@@ -163,8 +163,9 @@ def main(args: Args) -> None:
         returns = evaluate(policy, envs, args.seed, model["ignore_terminated_until"], bar)
     for env in envs:
         env.close()
-    print(f"{model['script']} on {model['dataset_ids'][0]}, {args.episodes} episode{'s' * (args.episodes > 1)} from seed {args.seed}: "
-          f"return {returns.mean():.1f} ± {returns.std():.1f} (min {returns.min():.1f}, max {returns.max():.1f})")
+    print(f"{model['script']} on {model['dataset_ids'][0]}, {args.episodes} episode{'s' * (args.episodes > 1)} from "
+          f"seed {args.seed}: return {returns.mean():.1f} ± {returns.std():.1f} (min {returns.min():.1f}, "
+          f"max {returns.max():.1f})")
     if model["reference"] is not None:
         low, high = model["reference"][:2]
         scores = 100 * (returns - low) / (high - low)

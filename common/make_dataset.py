@@ -101,9 +101,9 @@ class Args:
     expert_return: Optional[float] = None
     """average return that counts as expert; default per env: hopper 3200, halfcheetah 10000, walker2d 4500"""
     medium_size: int = 1_000_000
-    """transitions in medium-v0 (and expert-v0)"""
+    """transitions in medium-v0 (and expert-v0), in whole episodes: the last one that reaches the size ends it"""
     random_size: int = 100_000
-    """transitions in random-v0 (0 skips it)"""
+    """transitions in random-v0, in whole episodes as above (0 skips it)"""
     action_noise: float = 0.1
     """mean-plus-noise: std of the Gaussian noise added to the policy's deterministic action"""
     eval_episodes: int = 10
@@ -686,8 +686,8 @@ def write_dataset(args, name, episodes, algorithm, description, metadata):
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    print(f"wrote {dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} transitions, "
-          f"average return {np.mean(returns):.1f}")
+    count = f"{dataset.total_episodes} episode{'s' * (dataset.total_episodes != 1)}"
+    print(f"wrote {dataset_id}: {count}, {dataset.total_steps} transitions, average return {np.mean(returns):.1f}")
     return dataset_id
 
 
