@@ -52,7 +52,7 @@ try:
 except ModuleNotFoundError:
     try:
         from returns import lambda_returns, soft_returns  # noqa: E402
-    except ModuleNotFoundError:
+    except ImportError:
         raise SystemExit("error: this script needs returns.py beside it (common/returns.py of the project it comes "
                          "from): copy that file next to the script.")
 
@@ -94,8 +94,8 @@ class Args:
     eta: Optional[float] = None
     """weight of EDAC's gradient-diversity term (default per dataset from the authors' table, else 1)"""
     pretrain_eta: Optional[float] = None
-    """weight of the diversity term while the critics pre-train (default: --eta). Larger, it pushes critics fit to
-    the same returns to disagree off the data's actions, where EDAC's pessimism needs them to"""
+    """weight of the diversity term while the critics pre-train (default: --eta); a larger one pushes their action
+    gradients further apart"""
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
@@ -507,7 +507,8 @@ def schedule(args) -> str:
     actor_end, pretrain_end = pretrain_phases(args)
     phases = ([f"soft BC of the actor ({actor_end:,} steps)"] if actor_end else []) + \
         ([f"the critics on soft returns ({pretrain_end - actor_end:,} steps)"] if pretrain_end > actor_end else [])
-    pretrain_eta = f" ({args.pretrain_eta:g} in pre-training)" if args.pretrain_eta is not None else ""
+    pretrain_eta = f" ({args.pretrain_eta:g} in pre-training)" if args.pretrain_eta is not None and \
+        pretrain_end > actor_end else ""
     return (f"{args.total_steps:,} gradient steps: {', then '.join(phases + ['EDAC'])} with N = {args.num_critics} "
             f"critics and eta {args.eta:g}{pretrain_eta}" + lambda_schedule(args, pretrain_end - actor_end))
 
@@ -735,7 +736,8 @@ def check_args(args: Args, defaulted) -> None:
         f"--tau must lie in (0, 1], got {args.tau}": 0 < args.tau <= 1,
         f"--gamma must lie in [0, 1), got {args.gamma}": 0 <= args.gamma < 1,
         f"--learning-rate must be positive, got {args.learning_rate}": args.learning_rate > 0,
-        f"--threads must be positive, got {args.threads}": args.threads is None or args.threads > 0,
+        f"--threads must be positive (omit it for one per core), got {args.threads}":
+            args.threads is None or args.threads > 0,
         f"--num-critics must be at least 2 (EDAC's diversity term compares critics), got {args.num_critics}":
             args.num_critics >= 2,
         f"--eta must not be negative, got {args.eta}": args.eta >= 0,
@@ -820,10 +822,11 @@ def make_locally(env_name: str) -> str:
     if env_name not in ("halfcheetah", "hopper", "walker2d", "ant"):
         return ""
     env = {"halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}.get(env_name, f"{env_name.capitalize()}-v5")
+    shipped = (f"; with --medium-policy benchmark_results/behaviour_policies/{env_name}_medium.npz it writes "
+               "medium-v0 alone in a few minutes") if env_name != "ant" else ""
     return (f"To make data locally, use make_dataset.py from the project this script comes from: `python "
-            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/medium-v0 and medium-replay-v0 (in a "
-            f"minute with --medium-policy benchmark_results/behaviour_policies/{env_name}_medium.npz, else after "
-            "training a SAC policy).")
+            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/medium-v0 and medium-replay-v0 after "
+            f"training a SAC policy (tens of minutes){shipped}.")
 
 
 def did_you_mean(name: str) -> str:
@@ -856,7 +859,7 @@ def load_minari(dataset_id: str, dataset_ids):
         raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine (MINARI_DATASETS_PATH={where}) and "
                          f"Minari could not download it ({type(e).__name__}: {str(e)[:200]}). Download it where there "
                          f"is internet with `minari download {' '.join(d for d in dataset_ids if d not in local)}` and "
-                         "copy it to that folder. "
+                         f"copy {'them' if len(dataset_ids) > 1 else 'it'} to that folder. "
                          f"{same_env_here(dataset_id, local) or make_locally(resolve_dataset(dataset_id)[1])}")
 
 
@@ -1028,7 +1031,7 @@ class Run:
                 f"transitions in {sum(d.total_episodes for d in datasets):,} episodes\n  {schedule}\n  device {device}"
                 + (f" ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else "")
                 + f", precision {args.precision}, compile {'on' if args.compile else 'off'}\n  "
-                + (f"evaluation every {args.eval_interval:,} steps and at the end on {args.eval_episodes} episode"
+                + (f"evaluation every {args.eval_interval:,} steps and at the end, on {args.eval_episodes} episode"
                    f"{'s' * (args.eval_episodes != 1)}{protocol}; scores {score_note}" if args.eval_episodes else
                    "no evaluation (--eval-episodes 0)") + f"\n  writing to {self.dir}")
 

@@ -53,7 +53,7 @@ try:
 except ModuleNotFoundError:
     try:
         from returns import lambda_returns, mc_returns  # noqa: E402
-    except ModuleNotFoundError:
+    except ImportError:
         raise SystemExit("error: this script needs returns.py beside it (common/returns.py of the project it comes "
                          "from): copy that file next to the script.")
 
@@ -573,7 +573,8 @@ def check_args(args: Args, defaulted) -> None:
         f"--tau must lie in (0, 1], got {args.tau}": 0 < args.tau <= 1,
         f"--gamma must lie in [0, 1), got {args.gamma}": 0 <= args.gamma < 1,
         f"--learning-rate must be positive, got {args.learning_rate}": args.learning_rate > 0,
-        f"--threads must be positive, got {args.threads}": args.threads is None or args.threads > 0,
+        f"--threads must be positive (omit it for one per core), got {args.threads}":
+            args.threads is None or args.threads > 0,
     }.items() if not holds]
     if args.pretrain_steps > args.total_steps > 0:  # (a non-positive total is reported above)
         source = {key: ", this dataset's default" if key in defaulted else "" for key in ("pretrain_steps",
@@ -651,10 +652,11 @@ def make_locally(env_name: str) -> str:
     if env_name not in ("halfcheetah", "hopper", "walker2d", "ant"):
         return ""
     env = {"halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}.get(env_name, f"{env_name.capitalize()}-v5")
+    shipped = (f"; with --medium-policy benchmark_results/behaviour_policies/{env_name}_medium.npz it writes "
+               "medium-v0 alone in a few minutes") if env_name != "ant" else ""
     return (f"To make data locally, use make_dataset.py from the project this script comes from: `python "
-            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/medium-v0 and medium-replay-v0 (in a "
-            f"minute with --medium-policy benchmark_results/behaviour_policies/{env_name}_medium.npz, else after "
-            "training a SAC policy).")
+            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/medium-v0 and medium-replay-v0 after "
+            f"training a SAC policy (tens of minutes){shipped}.")
 
 
 def did_you_mean(name: str) -> str:
@@ -687,7 +689,7 @@ def load_minari(dataset_id: str, dataset_ids):
         raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine (MINARI_DATASETS_PATH={where}) and "
                          f"Minari could not download it ({type(e).__name__}: {str(e)[:200]}). Download it where there "
                          f"is internet with `minari download {' '.join(d for d in dataset_ids if d not in local)}` and "
-                         "copy it to that folder. "
+                         f"copy {'them' if len(dataset_ids) > 1 else 'it'} to that folder. "
                          f"{same_env_here(dataset_id, local) or make_locally(resolve_dataset(dataset_id)[1])}")
 
 
@@ -857,7 +859,7 @@ class Run:
                 f"transitions in {sum(d.total_episodes for d in datasets):,} episodes\n  {schedule}\n  device {device}"
                 + (f" ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else "")
                 + f", precision {args.precision}, compile {'on' if args.compile else 'off'}\n  "
-                + (f"evaluation every {args.eval_interval:,} steps and at the end on {args.eval_episodes} episode"
+                + (f"evaluation every {args.eval_interval:,} steps and at the end, on {args.eval_episodes} episode"
                    f"{'s' * (args.eval_episodes != 1)}{protocol}; scores {score_note}" if args.eval_episodes else
                    "no evaluation (--eval-episodes 0)") + f"\n  writing to {self.dir}")
 

@@ -125,7 +125,7 @@ def main_error(capsys, **flags):
     (dict(pretrain_steps=2000, total_steps=1000), "cannot exceed --total-steps"),
     (dict(batch_size=0), "--batch-size must be positive"),
     (dict(eval_episodes=-1), "--eval-episodes must not be negative"),
-    (dict(threads=0), "--threads must be positive, got 0"),  # torch would read 0 as every core
+    (dict(threads=0), "--threads must be positive (omit it for one per core), got 0"),  # torch: 0 is every core
     (dict(learning_rate=float("nan")), "--learning-rate must be positive, got nan"),  # NaN fails every comparison
     (dict(gamma=1.0), "--gamma must lie in [0, 1), got 1.0"),
     (dict(device="gpu"), "--device gpu is not a torch device; use cpu, cuda"),
