@@ -96,6 +96,9 @@ class Args:
     pretrain_eta: Optional[float] = None
     """weight of the diversity term while the critics pre-train (default: --eta); a larger one pushes their action
     gradients further apart"""
+    critic_warmup_steps: int = 0
+    """EDAC steps, right after pre-training, in which only the critics learn (on EDAC's own targets) while actor
+    and temperature stay as pre-training left them, so that the ensemble settles before the actor follows it"""
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
@@ -484,7 +487,14 @@ def edac_step(learner, batch, noise, next_noise, args):
     learner.actor_opt.zero_grad(set_to_none=True)
     actor_loss.backward()
     learner.actor_opt.step()
+    return edac_critic_update(learner, batch, next_noise, alpha, args) | {
+        "losses/actor": actor_loss, "losses/alpha": alpha_loss,
+        "values/q_policy": q_policy.detach().mean(), "charts/alpha": alpha, "charts/entropy": -log_prob.detach().mean()}
 
+
+def edac_critic_update(learner, batch, next_noise, alpha, args):
+    """EDAC's critic half: all N critics regress onto the soft TD target of the current actor, with diversity."""
+    actor, critic = learner.actor, learner.critic
     with torch.no_grad():
         next_action, next_log_prob = actor(batch["next_observations"], next_noise)
         next_v = learner.target_critic(batch["next_observations"], next_action).min(0).values - alpha * next_log_prob
@@ -497,9 +507,17 @@ def edac_step(learner, batch, noise, next_noise, args):
     learner.critic_opt.step()
     polyak_update(critic, learner.target_critic, args.tau)
     return {"losses/critic": parts["regression"], "losses/diversity": parts["diversity"],
-            "losses/actor": actor_loss, "losses/alpha": alpha_loss,
-            "values/q_data": parts["q_data"], "values/q_policy": q_policy.detach().mean(),
-            "values/target": td_target.mean(), "charts/alpha": alpha, "charts/entropy": -log_prob.detach().mean()}
+            "values/q_data": parts["q_data"], "values/target": td_target.mean()}
+
+
+def critic_warmup_step(learner, batch, noise, next_noise, args):
+    """--critic-warmup-steps: EDAC's critic half alone. Pre-trained critics fit the behaviour policy's soft
+    returns and agree as much at the actor's actions as at the data's; these steps let them take EDAC's own
+    targets, and their spread there, before the actor starts to follow their minimum."""
+    with torch.no_grad():
+        q_policy = learner.critic(batch["observations"], learner.actor(batch["observations"], noise)[0])
+    return edac_critic_update(learner, batch, next_noise, learner.log_alpha.exp().detach(), args) | {
+        "values/q_policy": q_policy.mean()}
 
 
 # ================================================================================================ training loop
@@ -509,6 +527,7 @@ def schedule(args) -> str:
         ([f"the critics on soft returns ({pretrain_end - actor_end:,} steps)"] if pretrain_end > actor_end else [])
     pretrain_eta = f" ({args.pretrain_eta:g} in pre-training)" if args.pretrain_eta is not None and \
         pretrain_end > actor_end else ""
+    phases += [f"EDAC's critics alone ({args.critic_warmup_steps:,} steps)"] if args.critic_warmup_steps else []
     return (f"{args.total_steps:,} gradient steps: {', then '.join(phases + ['EDAC'])} with N = {args.num_critics} "
             f"critics and eta {args.eta:g}{pretrain_eta}" + lambda_schedule(args, pretrain_end - actor_end))
 
@@ -545,9 +564,10 @@ def main(args: Args) -> None:
     (num_transitions, obs_dim), act_dim = data["observations"].shape, data["actions"].shape[1]
     data |= {"critic_weights": bootstrap_weights(num_transitions, args, device)} if args.critic_bootstrap else {}
     learner = make_learner(obs_dim, act_dim, float(datasets[0].action_space.high[0]), args, device)
-    soft_bc_update, critic_pretrain_update, rl_update = speed_up([soft_bc_step, critic_pretrain_step, edac_step],
-                                                                 learner, device, args)  # with --compile
+    soft_bc_update, critic_pretrain_update, critic_warmup_update, rl_update = speed_up(
+        [soft_bc_step, critic_pretrain_step, critic_warmup_step, edac_step], learner, device, args)  # with --compile
     actor_end, pretrain_end = pretrain_phases(args)
+    warmup_end = pretrain_end + args.critic_warmup_steps
 
     run = Run(args, datasets, obs_stats, device, checkpoint, schedule(args))  # logs, evaluation, signals
     if checkpoint is not None:
@@ -567,11 +587,14 @@ def main(args: Args) -> None:
             if args.lam > 0 and step > actor_end and (step - actor_end) % args.lambda_refresh_interval == 0:
                 returns_to_go = dataset_soft_lambda_returns(data, next_entropies, learner, sampler, args)
             metrics = critic_pretrain_update(learner, batch, returns_to_go[idx], noise, args)
+        elif step < warmup_end:  # (--critic-warmup-steps) EDAC's critics alone
+            metrics = critic_warmup_update(learner, batch, noise, next_noise, args)
         else:  # 3. EDAC from the pre-trained networks
             metrics = rl_update(learner, batch, noise, next_noise, args)
 
         done = step + 1
-        run.log(done, metrics, phase="soft BC" if done < actor_end else "critics" if done < pretrain_end else "EDAC")
+        run.log(done, metrics, phase="soft BC" if done < actor_end else "critics" if done < pretrain_end else
+                "critic warm-up" if done < warmup_end else "EDAC")
         if done % args.log_interval == 0:  # is the ensemble's pessimism there where the actor acts?
             run.write(done, ensemble_spread(learner, data))
         if done == pretrain_end or (done < pretrain_end and done % args.eval_interval == 0):
@@ -730,7 +753,8 @@ def check_args(args: Args, defaulted) -> None:
         "total_steps", "batch_size", "hidden_dim", "eval_interval", "log_interval", "entropy_samples",
         "lambda_refresh_interval") if getattr(args, name) <= 0]
     problems += [f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}" for name in (
-        "pretrain_steps", "eval_episodes", "checkpoint_interval") if (getattr(args, name) or 0) < 0]
+        "pretrain_steps", "critic_warmup_steps", "eval_episodes", "checkpoint_interval")
+        if (getattr(args, name) or 0) < 0]
     problems += [rule for rule, holds in {
         f"--lam must lie in [0, 1] (0 is Monte-Carlo, 1 is one-step TD), got {args.lam}": 0 <= args.lam <= 1,
         f"--tau must lie in (0, 1], got {args.tau}": 0 < args.tau <= 1,

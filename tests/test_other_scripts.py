@@ -132,6 +132,60 @@ def test_pretrain_eta_weighs_the_diversity_term_of_critic_pretraining_only():
     assert all(torch.equal(a, b) for a, b in zip(*after))
 
 
+def test_critic_warmup_step_fits_the_critics_to_edacs_targets_and_holds_actor_and_temperature():
+    """One --critic-warmup-steps step: the critics' gradient is that of regression onto
+    r + gamma * (1 - done) * (min_i Q'_i(s', a') - alpha * log pi(a'|s')) plus eta x diversity, worked out member
+    by member; the actor and the temperature do not move."""
+    torch.manual_seed(0)
+    args = edac.Args(num_critics=3, hidden_dim=16, eta=0.5, learning_rate=1e-3)
+    learner = edac.make_learner(4, 2, 1.0, args, torch.device("cpu"))
+    with torch.no_grad():
+        learner.log_alpha.fill_(-1.0)
+        for p in learner.target_critic.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # target critics unlike the online ones
+    critic, target_critic, actor = (copy.deepcopy(n) for n in (learner.critic, learner.target_critic, learner.actor))
+    batch = {"observations": torch.randn(8, 4), "actions": torch.rand(8, 2) * 2 - 1,
+             "next_observations": torch.randn(8, 4), "rewards": torch.randn(8),
+             "terminations": torch.tensor([0.0, 1.0] * 4)}
+    noise, next_noise = torch.randn(8, 2), torch.randn(8, 2)
+    edac.critic_warmup_step(learner, batch, noise, next_noise, args)
+
+    assert all(torch.equal(a, b) for a, b in zip(learner.actor.parameters(), actor.parameters()))
+    assert learner.log_alpha.item() == -1.0
+    with torch.no_grad():
+        next_action, next_log_prob = actor(batch["next_observations"], next_noise)
+        next_q = torch.stack([target_critic(batch["next_observations"], next_action)[i] for i in range(3)])
+        target = batch["rewards"] + 0.99 * (1 - batch["terminations"]) * (
+            next_q.min(0).values - math.exp(-1.0) * next_log_prob)
+    grads, regression = [], 0.0
+    for i in range(3):
+        a = batch["actions"].clone().requires_grad_(True)
+        q = critic(batch["observations"], a)[i]
+        regression = regression + ((q - target) ** 2).mean()
+        g = torch.autograd.grad(q.sum(), a, create_graph=True)[0]
+        grads.append(g / (g.norm(dim=-1, keepdim=True) + 1e-10))
+    diversity = sum((grads[i] * grads[j]).sum(-1) for i in range(3) for j in range(3) if i != j).mean() / 2
+    (regression + 0.5 * diversity).backward()
+    for mine, theirs in zip(learner.critic.parameters(), critic.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_critic_warmup_steps_follow_pretraining_and_leave_the_actor_as_pretraining_left_it(tiny_dataset, tmp_path):
+    """A run with 100 warm-up steps after 200 of pre-training ends with the same actor and temperature as the
+    same run stopped at the hand-over, and with other critics."""
+    common = ["--env-id", tiny_dataset, "--num-critics", 2, "--pretrain-steps", 200, "--eval-episodes", 0]
+    warm = run_script("edac_pretrain.py", *common, "--total-steps", 300, "--critic-warmup-steps", 100,
+                      "--run-name", "warm", cwd=tmp_path)
+    assert warm.returncode == 0, warm.stderr
+    assert "then EDAC's critics alone (100 steps), then EDAC" in warm.stdout + warm.stderr
+    handover = run_script("edac_pretrain.py", *common, "--total-steps", 200, "--run-name", "handover", cwd=tmp_path)
+    assert handover.returncode == 0, handover.stderr
+    models = [torch.load(tmp_path / "runs" / name / "model.pt", weights_only=True) for name in ("warm", "handover")]
+    assert all(torch.equal(models[0]["actor"][k], models[1]["actor"][k]) for k in models[1]["actor"])
+    assert torch.equal(models[0]["log_alpha"], models[1]["log_alpha"])
+    assert not all(torch.equal(models[0]["critic"][k], models[1]["critic"][k]) for k in models[1]["critic"])
+
+
 def test_ensemble_spread_is_the_std_across_critics_where_the_actor_acts():
     """Critics that output constants 1, 2 and 4 everywhere disagree by std(1, 2, 4) on any action; an actor of
     fixed mean and tiny std acts near tanh(mean), whose distance from the data's actions is worked out by hand."""
@@ -224,6 +278,7 @@ def test_cql_lowers_q_on_random_actions_relative_to_dataset_actions(tiny_dataset
     ("edac_pretrain.py", dict(actor_pretrain_fraction=1.5), "--actor-pretrain-fraction must lie in [0, 1]"),
     ("edac_pretrain.py", dict(lam=-0.1), "--lam must lie in [0, 1]"),
     ("edac_pretrain.py", dict(pretrain_eta=-1.0), "--pretrain-eta must not be negative"),
+    ("edac_bc_pretrain.py", dict(critic_warmup_steps=-1), "--critic-warmup-steps must not be negative"),
     ("edac_bc_pretrain.py", dict(bc_weight=-1.0), "--bc-weight must not be negative"),
     ("edac_bc_pretrain.py", dict(env_id="walker2d-full-replay-v2"), "Minari does not host"),
     ("td3bc_cql_pretrain.py", dict(cql_num_actions=0), "--cql-num-actions must be positive"),
