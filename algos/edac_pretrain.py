@@ -9,7 +9,8 @@ entropy-regularised agent value the actor's entropy too:
   2. actor and alpha frozen, the entropy of the actor at every next state is estimated once and the
      "soft" Monte-Carlo return (rewards plus discounted entropy bonuses) computed for every transition;
      all N critics regress onto it, with EDAC's diversity term on;
-  3. EDAC continues from those networks, target networks and optimiser states.
+  3. EDAC continues from those networks, target networks and optimiser states (after --critic-warmup-steps
+     of EDAC's critic update alone, if given: the critics learn EDAC's targets before the actor moves).
 By default LayerNorm follows every hidden linear layer of actor and critics. With --lam > 0 the critics regress
 onto soft lambda-returns (lam = 0 is pure Monte-Carlo, lam = 1 one-step TD): they first fit the soft
 Monte-Carlo returns for one --lambda-refresh-interval, and only then are the lambda-returns computed
@@ -97,8 +98,8 @@ class Args:
     """weight of the diversity term while the critics pre-train (default: --eta); a larger one pushes their action
     gradients further apart"""
     critic_warmup_steps: int = 0
-    """EDAC steps, right after pre-training, in which only the critics learn (on EDAC's own targets) while actor
-    and temperature stay as pre-training left them, so that the ensemble settles before the actor follows it"""
+    """critic warm-up: steps after pre-training (inside --total-steps) in which only the critics learn, on EDAC's
+    own targets, while actor and temperature stay as pre-training left them (with --pretrain none: as initialised)"""
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
@@ -527,7 +528,7 @@ def schedule(args) -> str:
         ([f"the critics on soft returns ({pretrain_end - actor_end:,} steps)"] if pretrain_end > actor_end else [])
     pretrain_eta = f" ({args.pretrain_eta:g} in pre-training)" if args.pretrain_eta is not None and \
         pretrain_end > actor_end else ""
-    phases += [f"EDAC's critics alone ({args.critic_warmup_steps:,} steps)"] if args.critic_warmup_steps else []
+    phases += [f"a critic warm-up ({args.critic_warmup_steps:,} steps)"] if args.critic_warmup_steps else []
     return (f"{args.total_steps:,} gradient steps: {', then '.join(phases + ['EDAC'])} with N = {args.num_critics} "
             f"critics and eta {args.eta:g}{pretrain_eta}" + lambda_schedule(args, pretrain_end - actor_end))
 
@@ -587,7 +588,7 @@ def main(args: Args) -> None:
             if args.lam > 0 and step > actor_end and (step - actor_end) % args.lambda_refresh_interval == 0:
                 returns_to_go = dataset_soft_lambda_returns(data, next_entropies, learner, sampler, args)
             metrics = critic_pretrain_update(learner, batch, returns_to_go[idx], noise, args)
-        elif step < warmup_end:  # (--critic-warmup-steps) EDAC's critics alone
+        elif step < warmup_end:  # (--critic-warmup-steps) a critic warm-up: EDAC's critic update alone
             metrics = critic_warmup_update(learner, batch, noise, next_noise, args)
         else:  # 3. EDAC from the pre-trained networks
             metrics = rl_update(learner, batch, noise, next_noise, args)
@@ -776,6 +777,10 @@ def check_args(args: Args, defaulted) -> None:
         problems.append(f"--pretrain-steps ({args.pretrain_steps}{source['pretrain_steps']}) cannot exceed "
                         f"--total-steps ({args.total_steps}{source['total_steps']}): pre-training counts inside the "
                         f"total budget; pass --pretrain-steps {args.total_steps // 2} (say), or a larger --total-steps")
+    elif pretrain_phases(args)[1] + args.critic_warmup_steps > args.total_steps > 0:
+        problems.append(f"--critic-warmup-steps ({args.critic_warmup_steps}) does not fit: pre-training ends at step "
+                        f"{pretrain_phases(args)[1]} of --total-steps {args.total_steps}; pass a smaller "
+                        "--critic-warmup-steps or a larger --total-steps")
     if problems:
         raise SystemExit("error: " + "; ".join(problems) + ".")
 

@@ -177,7 +177,7 @@ def test_critic_warmup_steps_follow_pretraining_and_leave_the_actor_as_pretraini
     warm = run_script("edac_pretrain.py", *common, "--total-steps", 300, "--critic-warmup-steps", 100,
                       "--run-name", "warm", cwd=tmp_path)
     assert warm.returncode == 0, warm.stderr
-    assert "then EDAC's critics alone (100 steps), then EDAC" in warm.stdout + warm.stderr
+    assert "then a critic warm-up (100 steps), then EDAC" in warm.stdout + warm.stderr
     handover = run_script("edac_pretrain.py", *common, "--total-steps", 200, "--run-name", "handover", cwd=tmp_path)
     assert handover.returncode == 0, handover.stderr
     models = [torch.load(tmp_path / "runs" / name / "model.pt", weights_only=True) for name in ("warm", "handover")]
@@ -279,6 +279,8 @@ def test_cql_lowers_q_on_random_actions_relative_to_dataset_actions(tiny_dataset
     ("edac_pretrain.py", dict(lam=-0.1), "--lam must lie in [0, 1]"),
     ("edac_pretrain.py", dict(pretrain_eta=-1.0), "--pretrain-eta must not be negative"),
     ("edac_bc_pretrain.py", dict(critic_warmup_steps=-1), "--critic-warmup-steps must not be negative"),
+    ("edac_pretrain.py", dict(total_steps=100, pretrain_steps=50, critic_warmup_steps=51),
+     "--critic-warmup-steps (51) does not fit: pre-training ends at step 50 of --total-steps 100"),
     ("edac_bc_pretrain.py", dict(bc_weight=-1.0), "--bc-weight must not be negative"),
     ("edac_bc_pretrain.py", dict(env_id="walker2d-full-replay-v2"), "Minari does not host"),
     ("td3bc_cql_pretrain.py", dict(cql_num_actions=0), "--cql-num-actions must be positive"),
