@@ -49,7 +49,7 @@ FIGURES = {
     "sampled_precision": ("EDAC in fp32 vs bf16", "edac_fp32", (SCORE,)),
     "sampled_halfcheetah_edac": ("EDAC: pre-trained vs from scratch", "scratch", (SCORE, "charts/entropy", *ENSEMBLE)),
     "edac_handover": ("EDAC's hand-over: critics pre-trained on bootstrap resamples or with eta 100, or critics first",
-                      "bootstrap", (SCORE, *ENSEMBLE, "losses/diversity")),
+                      "none", (SCORE, *ENSEMBLE, "losses/diversity")),
     "halfcheetah_edac_old_data": ("EDAC from scratch on the earlier data: the control", "scratch",
                                   (SCORE, "charts/entropy", *ENSEMBLE)),
     "hopper_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
