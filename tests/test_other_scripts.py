@@ -98,6 +98,20 @@ def test_bootstrap_resamples_weight_each_critics_regression_on_its_own():
     assert (many[:, 0] != many[:, 1]).float().mean() > 0.5  # each critic its own resample
 
 
+def regression_and_diversity_by_hand(critic, batch, target):
+    """Member by member: the sum over critics of mean (Q_i - target)^2, and EDAC's diversity term, the mean over
+    the batch of sum_{i != j} <g_i, g_j> / 2 for the unit action gradients g_i = dQ_i/da / |dQ_i/da|."""
+    grads, regression = [], 0.0
+    for i in range(critic.num_critics):
+        a = batch["actions"].clone().requires_grad_(True)
+        q = critic(batch["observations"], a)[i]
+        regression = regression + ((q - target) ** 2).mean()
+        g = torch.autograd.grad(q.sum(), a, create_graph=True)[0]
+        grads.append(g / (g.norm(dim=-1, keepdim=True) + 1e-10))
+    n = len(grads)
+    return regression, sum((grads[i] * grads[j]).sum(-1) for i in range(n) for j in range(n) if i != j).mean() / 2
+
+
 def test_pretrain_eta_weighs_the_diversity_term_of_critic_pretraining_only():
     """A critic pre-training step with --pretrain-eta 3 (and --eta 0.5) takes the gradient of regression + 3 x the
     diversity term, both worked out member by member; EDAC's own update is the same with or without the flag."""
@@ -110,14 +124,7 @@ def test_pretrain_eta_weighs_the_diversity_term_of_critic_pretraining_only():
     returns, noise = torch.randn(8), torch.randn(8, 2)
     edac.critic_pretrain_step(learner, batch, returns, noise, args)
 
-    grads, regression = [], 0.0
-    for i in range(3):
-        a = batch["actions"].clone().requires_grad_(True)
-        q = by_hand(batch["observations"], a)[i]
-        regression = regression + ((q - returns) ** 2).mean()
-        g = torch.autograd.grad(q.sum(), a, create_graph=True)[0]
-        grads.append(g / (g.norm(dim=-1, keepdim=True) + 1e-10))
-    diversity = sum((grads[i] * grads[j]).sum(-1) for i in range(3) for j in range(3) if i != j).mean() / 2
+    regression, diversity = regression_and_diversity_by_hand(by_hand, batch, returns)
     (regression + 3.0 * diversity).backward()
     for mine, theirs in zip(learner.critic.parameters(), by_hand.parameters()):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
@@ -157,14 +164,7 @@ def test_critic_warmup_step_fits_the_critics_to_edacs_targets_and_holds_actor_an
         next_q = torch.stack([target_critic(batch["next_observations"], next_action)[i] for i in range(3)])
         target = batch["rewards"] + 0.99 * (1 - batch["terminations"]) * (
             next_q.min(0).values - math.exp(-1.0) * next_log_prob)
-    grads, regression = [], 0.0
-    for i in range(3):
-        a = batch["actions"].clone().requires_grad_(True)
-        q = critic(batch["observations"], a)[i]
-        regression = regression + ((q - target) ** 2).mean()
-        g = torch.autograd.grad(q.sum(), a, create_graph=True)[0]
-        grads.append(g / (g.norm(dim=-1, keepdim=True) + 1e-10))
-    diversity = sum((grads[i] * grads[j]).sum(-1) for i in range(3) for j in range(3) if i != j).mean() / 2
+    regression, diversity = regression_and_diversity_by_hand(critic, batch, target)
     (regression + 0.5 * diversity).backward()
     for mine, theirs in zip(learner.critic.parameters(), critic.parameters()):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
