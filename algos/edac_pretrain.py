@@ -352,13 +352,14 @@ def critic_loss_with_diversity(critic, obs, actions, target, eta, weights=None):
 
 
 # ================================================================================================ pre-training
-def pretrain_phases(args) -> tuple:
-    """Pre-training inside the budget: soft BC of the actor on [0, actor_end), the critics on
-    [actor_end, pretrain_end), EDAC after. An ablation that skips a phase skips its steps."""
+def training_phases(args) -> tuple:
+    """Where the phases end inside the budget: soft BC of the actor on [0, actor_end), the critics on
+    [actor_end, pretrain_end), the critic warm-up on [pretrain_end, warmup_end), EDAC after. An ablation that
+    skips a phase skips its steps."""
     actor_share = round(args.pretrain_steps * args.actor_pretrain_fraction)
     actor_end = actor_share if args.pretrain in ("actor-critic", "actor") else 0
     pretrain_end = actor_end + (args.pretrain_steps - actor_share if args.pretrain in ("actor-critic", "critic") else 0)
-    return actor_end, pretrain_end
+    return actor_end, pretrain_end, pretrain_end + args.critic_warmup_steps
 
 
 def soft_bc_step(learner, batch, noise, args):
@@ -523,7 +524,7 @@ def critic_warmup_step(learner, batch, noise, next_noise, args):
 
 # ================================================================================================ training loop
 def schedule(args) -> str:
-    actor_end, pretrain_end = pretrain_phases(args)
+    actor_end, pretrain_end, _ = training_phases(args)
     phases = ([f"soft BC of the actor ({actor_end:,} steps)"] if actor_end else []) + \
         ([f"the critics on soft returns ({pretrain_end - actor_end:,} steps)"] if pretrain_end > actor_end else [])
     pretrain_eta = f" ({args.pretrain_eta:g} in pre-training)" if args.pretrain_eta is not None and \
@@ -567,8 +568,7 @@ def main(args: Args) -> None:
     learner = make_learner(obs_dim, act_dim, float(datasets[0].action_space.high[0]), args, device)
     soft_bc_update, critic_pretrain_update, critic_warmup_update, rl_update = speed_up(
         [soft_bc_step, critic_pretrain_step, critic_warmup_step, edac_step], learner, device, args)  # with --compile
-    actor_end, pretrain_end = pretrain_phases(args)
-    warmup_end = pretrain_end + args.critic_warmup_steps
+    actor_end, pretrain_end, warmup_end = training_phases(args)
 
     run = Run(args, datasets, obs_stats, device, checkpoint, schedule(args))  # logs, evaluation, signals
     if checkpoint is not None:
@@ -703,10 +703,11 @@ RESUMABLE = ("total_steps", "eval_interval", "eval_episodes", "checkpoint_interv
 def parse_args() -> Args:
     """The command line. With --resume, the saved run's arguments are the defaults: a flag given changes only
     itself."""
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__)
     if args.resume is None:
         return args
-    return tyro.cli(Args, default=Args(**{**load_checkpoint(args.resume)["args"], "resume": args.resume}))
+    return tyro.cli(Args, description=__doc__,
+                    default=Args(**{**load_checkpoint(args.resume)["args"], "resume": args.resume}))
 
 
 def load_checkpoint(run_dir: str) -> dict:
@@ -730,16 +731,18 @@ def prepare_args(args: Args):
         saved, defaults, step = checkpoint["args"], asdict(Args()), checkpoint["step"]
         if args.pretrain_steps is None:  # main(Args(...)) from Python: the flags that differ from a default are given
             args = Args(**{**saved, **{k: v for k, v in asdict(args).items() if v != defaults[k]}})
-        for key, value in asdict(args).items():
-            if key not in (*RESUMABLE, "resume") and value != saved.get(key, defaults[key]):
-                raise SystemExit(f"error: --{key.replace('_', '-')} cannot change when resuming (the run has "
-                                 f"{saved.get(key, defaults[key])!r}, given {value!r}); only "
-                                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can; start a new "
-                                 "run for other settings.")
+        changed = [f"--{key.replace('_', '-')} cannot change when resuming (the run has "
+                   f"{saved.get(key, defaults[key])!r}, given {value!r})" for key, value in asdict(args).items()
+                   if key not in (*RESUMABLE, "resume") and value != saved.get(key, defaults[key])]
+        if changed:
+            resumable = ", ".join("--" + key.replace("_", "-") for key in RESUMABLE)
+            raise SystemExit(f"error: {'; '.join(changed)}; only {resumable} can; start a new run for other settings.")
         if args.total_steps <= step:
             raise SystemExit(f"error: the run in {args.resume} has finished its {step} steps; pass a larger "
                              "--total-steps to continue it." if args.total_steps == step else f"error: the run is at "
                              f"step {step}; --total-steps {args.total_steps} would end it before that.")
+    if args.pretrain == "none" and args.pretrain_steps:
+        print(f"note: --pretrain none trains from scratch; --pretrain-steps {args.pretrain_steps} is ignored")
     _, env_name, quality = resolve_dataset(args.env_id)
     filled = {k: v for k, v in dataset_defaults(env_name, quality).items() if getattr(args, k) is None}
     args = replace(args, **{**filled, **({"pretrain_steps": 0} if args.pretrain == "none" else {})})
@@ -777,9 +780,9 @@ def check_args(args: Args, defaulted) -> None:
         problems.append(f"--pretrain-steps ({args.pretrain_steps}{source['pretrain_steps']}) cannot exceed "
                         f"--total-steps ({args.total_steps}{source['total_steps']}): pre-training counts inside the "
                         f"total budget; pass --pretrain-steps {args.total_steps // 2} (say), or a larger --total-steps")
-    elif pretrain_phases(args)[1] + args.critic_warmup_steps > args.total_steps > 0:
+    elif training_phases(args)[2] > args.total_steps > 0:
         problems.append(f"--critic-warmup-steps ({args.critic_warmup_steps}) does not fit: pre-training ends at step "
-                        f"{pretrain_phases(args)[1]} of --total-steps {args.total_steps}; pass a smaller "
+                        f"{training_phases(args)[1]} of --total-steps {args.total_steps}; pass a smaller "
                         "--critic-warmup-steps or a larger --total-steps")
     if problems:
         raise SystemExit("error: " + "; ".join(problems) + ".")
@@ -791,9 +794,13 @@ def setup_device(args: Args) -> torch.device:
                               else args.device)
     except RuntimeError:
         raise SystemExit(f"error: --device {args.device} is not a torch device; use cpu, cuda, cuda:<index> or auto.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}, but this torch ({torch.__version__}) sees no CUDA GPU here; "
-                         "use --device cpu (or auto, which picks a GPU when there is one).")
+    try:
+        torch.empty(1, device=device)  # mps or xpu where this torch has no such backend, a GPU index not here
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        reason = "sees no CUDA GPU here" if device.type == "cuda" and not torch.cuda.is_available() else \
+            f"cannot use it here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        raise SystemExit(f"error: --device {args.device}, but this torch ({torch.__version__}) {reason}; use --device "
+                         "cpu (or auto, which picks a GPU when there is one).")
     if args.threads:
         torch.set_num_threads(args.threads)
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
@@ -854,8 +861,9 @@ def make_locally(env_name: str) -> str:
     shipped = (f"; with --medium-policy benchmark_results/behaviour_policies/{env_name}_medium.npz it writes "
                "medium-v0 alone in a few minutes") if env_name != "ant" else ""
     return (f"To make data locally, use make_dataset.py from the project this script comes from: `python "
-            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/medium-v0 and medium-replay-v0 after "
-            f"training a SAC policy (tens of minutes){shipped}.")
+            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/random-v0, medium-v0 and medium-replay-v0 "
+            f"after training a SAC policy (tens of minutes; with --stop-at expert also expert-v0 and medium-expert-v0)"
+            f"{shipped}.")
 
 
 def did_you_mean(name: str) -> str:
@@ -882,6 +890,7 @@ def load_minari(dataset_id: str, dataset_ids):
                          f"{here}).{did_you_mean(dataset_id)} {make_locally(resolve_dataset(dataset_id)[1])}")
     if dataset_id in local:
         return minari.load_dataset(dataset_id)
+    print(f"{dataset_id} is not on this machine (MINARI_DATASETS_PATH={where}): downloading it with Minari", flush=True)
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # no network, unknown remote ids, incompatible versions
@@ -1046,7 +1055,9 @@ class Run:
         if checkpoint is None:
             self.writer.add_text("eval/protocol", args.eval_protocol)
             self.writer.add_text("eval/score_reference", score_note)
-        self.sums, self.last_log = {}, (time.time(), self.start_step)
+        self.sums = {names: (totals.to(device), count) for names, (totals, count) in
+                     (checkpoint or {}).get("log_sums", {}).items()}  # the steps since the last write, if resuming
+        self.last_log = (time.time(), self.start_step)
         self.progress = tqdm(total=args.total_steps, initial=self.start_step, desc=self.phase, unit="step",
                              mininterval=REFRESH, miniters=1, dynamic_ncols=True)
 
@@ -1077,7 +1088,8 @@ class Run:
         names, values = tuple(metrics), torch.stack(list(metrics.values())).detach().float()
         total, count = self.sums.get(names, (None, 0))
         self.sums[names] = (values if total is None else total + values, count + 1)
-        if done % self.args.log_interval == 0 or done == self.args.total_steps:
+        phase_ends = self.phase is not None and phase != self.phase  # so its own metrics are written at its end
+        if done % self.args.log_interval == 0 or done == self.args.total_steps or phase_ends:
             means = {}  # name -> (sum, steps) over the sets of metrics it belongs to
             for names, (totals, steps) in self.checked_sums(done).items():
                 for name, value in zip(names, totals):
@@ -1145,8 +1157,8 @@ class Run:
                  else value.state_dict() for name in (f.name for f in fields(learner))}
         path = os.path.join(self.dir, "checkpoint.pt")
         torch.save({**state, **targets, "step": done, "phase": self.phase, "rng": {"sampler": sampler.get_state()},
-                    "obs_mean": self.obs_mean, "obs_std": self.obs_std, "args": asdict(self.args),
-                    "wandb_id": self.wandb_id, "script": Path(__file__).stem}, path + ".tmp")
+                    "log_sums": self.sums, "obs_mean": self.obs_mean, "obs_std": self.obs_std,
+                    "args": asdict(self.args), "wandb_id": self.wandb_id, "script": Path(__file__).stem}, path + ".tmp")
         os.replace(path + ".tmp", path)  # an interruption never leaves a half-written checkpoint
         self.saving = False
 

@@ -44,11 +44,16 @@ def same_weights(run_a, run_b):
     return all(torch.equal(a[net][k], b[net][k]) for net in ("actor", "critic") for k in a[net])
 
 
+def untimed_scalars(run_dir):
+    """Every logged value but the timings, which differ from one run to the next."""
+    return {tag: values for tag, values in scalars(run_dir).items() if tag not in ("charts/SPS", "charts/eval_seconds")}
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigint_and_sigterm_save_and_resume_bitwise(script, tiny_dataset, tmp_path):
     """Interrupted at arbitrary points with no periodic checkpoint (once by SIGINT, once by SIGTERM), the run
     saves, says how to continue and exits 130 / 143 without a traceback; resumed, it ends bitwise identical to
-    an uninterrupted run."""
+    an uninterrupted run, and so does its log: the means written after a resume count the steps before it."""
     run_args = flags(script, tiny_dataset)
     assert start(script, [*run_args, "--run-name", "reference"], tmp_path).wait(timeout=600) == 0
     run_dir = tmp_path / "runs" / "interrupted"
@@ -67,6 +72,7 @@ def test_sigint_and_sigterm_save_and_resume_bitwise(script, tiny_dataset, tmp_pa
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-2000:]
     assert same_weights(tmp_path / "runs" / "reference", run_dir)
+    assert untimed_scalars(run_dir) == untimed_scalars(tmp_path / "runs" / "reference")
 
 
 def test_a_second_ctrl_c_never_corrupts_the_checkpoint(tiny_dataset, tmp_path):
@@ -102,9 +108,34 @@ def test_resume_extends_a_finished_run_exactly(tiny_dataset, tmp_path):
     assert extended["eval/return"][-1] == straight["eval/return"][-1]
 
 
+@pytest.mark.parametrize("script, extra, writes", [
+    ("td3bc_pretrain.py", ["--total-steps", 300, "--pretrain-steps", 150],
+     {"losses/pretrain_actor": [100, 150], "losses/critic": [200, 300]}),
+    ("edac_pretrain.py", ["--total-steps", 300, "--pretrain-steps", 200, "--num-critics", 3],  # soft BC ends at 100
+     {"losses/pretrain_actor": [80, 100], "losses/pretrain_critic": [160, 200], "losses/critic": [240, 300]}),
+])
+def test_each_phase_writes_its_own_metrics_at_its_last_step(script, extra, writes, tiny_dataset, tmp_path):
+    """A phase that ends between two --log-interval writes has its last steps written at its end, not averaged
+    into the next phase's first write."""
+    result = run_script(script, "--env-id", tiny_dataset, *extra, "--hidden-dim", 32, "--log-interval", 80 if
+                        script.startswith("edac") else 100, "--eval-episodes", 0, "--run-name", "r", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = scalars(tmp_path / "runs" / "r")
+    assert {tag: [step for step, _ in logged[tag]] for tag in writes} == writes
+
+
+def test_pretrain_none_says_that_it_drops_pretrain_steps(tiny_dataset, tmp_path):
+    result = run_script("td3bc_pretrain.py", "--env-id", tiny_dataset, "--pretrain", "none", "--pretrain-steps", 100,
+                        "--total-steps", 50, "--hidden-dim", 32, "--eval-episodes", 0, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "note: --pretrain none trains from scratch; --pretrain-steps 100 is ignored" in result.stdout
+    assert "50 gradient steps: TD3+BC" in result.stdout
+
+
 @pytest.mark.parametrize("extra, expected", [
     ([], "has finished its 300 steps; pass a larger --total-steps"),
     (["--total-steps", 500, "--alpha", 3.0], "--alpha cannot change when resuming"),
+    (["--seed", 4, "--alpha", 3.0], "--seed cannot change when resuming (the run has 0, given 4); --alpha cannot"),
     (["--total-steps", 100], "would end it before that"),
 ])
 def test_resume_refuses_what_it_cannot_do(extra, expected, tiny_dataset, tmp_path):
@@ -138,6 +169,7 @@ def test_start_up_summary_and_threads(tiny_dataset, tmp_path):
 # ---------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("args, expected", [
     (["--device", "cuda"], "sees no CUDA GPU here; use --device cpu"),
+    (["--device", "mps"], "--device mps, but this torch"),  # a Mac's GPU flag on a machine without one
     (["--env-id", "local/hopper/medium-replay-v0"], "test/hopper/medium-v0"),  # it lists what is here
     (["--env-id", "walker2d-medium-replay-v2"], "python common/make_dataset.py --env-id Walker2d-v5"),
     (["--env-id", "hopper-mediun-v2"], "Did you mean hopper-medium-v2?"),
@@ -145,8 +177,9 @@ def test_start_up_summary_and_threads(tiny_dataset, tmp_path):
     (["--env-id", "test/hopper/medium-v0", "--total-steps", 100], "(10000, this dataset's default)"),
 ])
 def test_errors_say_what_to_do(args, expected, tiny_dataset, tmp_path):
-    if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+    if args[:2] == ["--device", "cuda"] and torch.cuda.is_available() or \
+            args[:2] == ["--device", "mps"] and torch.backends.mps.is_available():
+        pytest.skip("this machine has that GPU")
     started = time.time()
     result = run_script("td3bc_pretrain.py", *(["--env-id", tiny_dataset] if args[0] == "--device" else []), *args,
                         cwd=tmp_path)
@@ -200,6 +233,7 @@ def test_a_copied_script_finds_returns_py_beside_it(tmp_path):
     result = subprocess.run([sys.executable, "project/edac_pretrain.py", "--help"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--num-critics" in result.stdout, result.stderr
+    assert "Usage:" in result.stdout and "--resume runs/<run-name>" in result.stdout  # --help opens with the docstring
     (tmp_path / "alone").mkdir()  # the script without returns.py: one line says what to copy
     shutil.copy(REPO / "algos" / "td3bc_pretrain.py", tmp_path / "alone")
     result = subprocess.run([sys.executable, "alone/td3bc_pretrain.py", "--help"], cwd=tmp_path,
@@ -208,7 +242,7 @@ def test_a_copied_script_finds_returns_py_beside_it(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_a_d4rl_name_offline_names_every_dataset_to_download(monkeypatch, minari_path):
+def test_a_d4rl_name_offline_names_every_dataset_to_download(monkeypatch, minari_path, capsys):
     from conftest import load_script
 
     module = load_script("td3bc_pretrain.py")
@@ -220,11 +254,14 @@ def test_a_d4rl_name_offline_names_every_dataset_to_download(monkeypatch, minari
     with pytest.raises(SystemExit) as exit_info:
         module.load_data("walker2d-medium-expert-v2")
     assert "`minari download mujoco/walker2d/medium-v0 mujoco/walker2d/expert-v0`" in str(exit_info.value.code)
+    assert "mujoco/walker2d/medium-v0 is not on this machine" in capsys.readouterr().out  # said before the wait
 
 
 def test_missing_local_dataset_says_how_to_make_it(tiny_dataset, tmp_path):
     result = run_script("td3bc_pretrain.py", "--env-id", "local/hopper/medium-v0", cwd=tmp_path)
-    assert "`python common/make_dataset.py --env-id Hopper-v5` writes local/hopper/medium-v0" in result.stderr
+    expected = "`python common/make_dataset.py --env-id Hopper-v5` writes local/hopper/random-v0, medium-v0"
+    assert expected in result.stderr
+    assert "--stop-at expert also expert-v0" in result.stderr  # every quality it can make, so the asked-for one too
 
 
 # ---------------------------------------------------------------------------------------- using the result
