@@ -44,6 +44,7 @@ ENSEMBLE = ("ensemble/std_data_actions", "ensemble/std_policy_actions", "ensembl
 FIGURES = {
     "first_look": ("a first look on data made as D4RL made it (1 seed)", "td3bc_scratch", (SCORE, *ENSEMBLE)),
     "sampled_hopper_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
+    "sampled_hopper_td3bc_alpha2.5": ("TD3+BC with alpha 2.5: pre-trained vs from scratch", "scratch", (SCORE,)),
     "sampled_walker2d_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "sampled_halfcheetah_td3bc": ("TD3+BC: pre-trained vs from scratch", "scratch", (SCORE,)),
     "sampled_precision": ("EDAC in fp32 vs bf16", "edac_fp32", (SCORE,)),
