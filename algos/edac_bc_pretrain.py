@@ -1075,12 +1075,14 @@ class Run:
         args, device, threads = self.args, self.device, torch.get_num_threads()
         protocol = " (the paper's for Adroit: --eval-protocol adroit)" if env_name in ADROIT_DEMO_LENGTHS and \
             args.eval_protocol != "adroit" else ""
+        when = f"every {args.eval_interval:,} steps and at the end" if args.eval_interval < args.total_steps else \
+            "at the end"
         return ((f"resuming {self.dir} at step {self.start_step} ({self.phase})\n" if resumed else "")
                 + f"{Path(__file__).name}: {' + '.join(self.dataset_ids)}, {sum(d.total_steps for d in datasets):,} "
                 f"transitions in {sum(d.total_episodes for d in datasets):,} episodes\n  {schedule}\n  device {device}"
                 + (f" ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else "")
                 + f", precision {args.precision}, compile {'on' if args.compile else 'off'}\n  "
-                + (f"evaluation every {args.eval_interval:,} steps and at the end, on {args.eval_episodes} episode"
+                + (f"evaluation {when}, on {args.eval_episodes} episode"
                    f"{'s' * (args.eval_episodes != 1)}{protocol}; scores {score_note}" if args.eval_episodes else
                    "no evaluation (--eval-episodes 0)") + f"\n  writing to {self.dir}")
 

@@ -155,12 +155,15 @@ def test_reusing_a_run_name_is_refused(tiny_dataset, tmp_path):
 
 def test_start_up_summary_and_threads(tiny_dataset, tmp_path):
     result = run_script("edac_pretrain.py", *flags("edac_pretrain.py", tiny_dataset, total=200, pretrain=100),
-                        "--threads", 1, "--run-name", "summary", cwd=tmp_path)
+                        "--threads", 1, "--eval-interval", 100, "--run-name", "summary", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for text in ("test/hopper/medium-v0, 795 transitions in 40 episodes", "device cpu (1 thread)",
                  "soft BC of the actor (50 steps), then the critics on soft returns (50 steps), then EDAC with N = 3",
-                 "writing to runs/summary", "evaluation every 600 steps and at the end, on 2 episodes"):
+                 "writing to runs/summary", "evaluation every 100 steps and at the end, on 2 episodes"):
         assert text in result.stdout, result.stdout
+    result = run_script("td3bc_pretrain.py", *flags("td3bc_pretrain.py", tiny_dataset, total=20, pretrain=10),
+                        "--run-name", "short", cwd=tmp_path)  # --eval-interval 600 > --total-steps 20
+    assert result.returncode == 0 and "evaluation at the end, on 2 episodes" in result.stdout, result.stderr
     result = run_script("td3bc_pretrain.py", *flags("td3bc_pretrain.py", tiny_dataset, total=20, pretrain=10),
                         "--eval-episodes", 0, "--run-name", "blind", cwd=tmp_path)
     assert result.returncode == 0 and "no evaluation (--eval-episodes 0)" in result.stdout, result.stderr
