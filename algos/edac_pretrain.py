@@ -66,10 +66,10 @@ class Args:
     seed: int = 0
     """seed for network initialisation, batch sampling and evaluation episodes"""
     total_steps: Optional[int] = None
-    """gradient steps in all, pre-training included (default per dataset, as the authors: halfcheetah
+    """gradient steps in all, pre-training included (None: the authors' budget for the dataset, halfcheetah
     100k, hopper and walker2d 500k, Adroit 300k, else 1M)"""
     pretrain_steps: Optional[int] = None
-    """gradient steps of pre-training at the start of the budget, actor then critics (default per dataset,
+    """gradient steps of pre-training at the start of the budget, actor then critics (None: per dataset,
     as the authors: 20k, walker2d 100k, Adroit 200k)"""
     actor_pretrain_fraction: float = 0.5
     """share of --pretrain-steps spent on soft behaviour cloning of the actor; the rest trains the critics"""
@@ -91,11 +91,11 @@ class Args:
     """pre-train each critic on a bootstrap resample of its own (Poisson(1) weights per transition), so that
     critics fit to the same returns still disagree where the data say little, as EDAC's pessimism needs"""
     num_critics: Optional[int] = None
-    """size of the critic ensemble N (default per dataset from the authors' table, else 10)"""
+    """size of the critic ensemble N (None: per dataset from the authors' table, else 10)"""
     eta: Optional[float] = None
-    """weight of EDAC's gradient-diversity term (default per dataset from the authors' table, else 1)"""
+    """weight of EDAC's gradient-diversity term (None: per dataset from the authors' table, else 1)"""
     pretrain_eta: Optional[float] = None
-    """weight of the diversity term while the critics pre-train (default: --eta); a larger one pushes their action
+    """weight of the diversity term while the critics pre-train (None: --eta); a larger one pushes their action
     gradients further apart"""
     critic_warmup_steps: int = 0
     """critic warm-up: steps after pre-training (inside --total-steps) in which only the critics learn, on EDAC's
@@ -134,15 +134,16 @@ class Args:
     checkpoint_interval: int = 50_000
     """save a resumable checkpoint every this many steps (0: only when interrupted and at the end)"""
     resume: Optional[str] = None
-    """continue the run saved in this run directory, with its own settings. Only --total-steps (to extend it),
-    the evaluation, logging, checkpoint and tracking flags, and --threads, --device and --compile may change
-    (these three change the last bits of the arithmetic, so the run is then no longer exact)"""
+    """continue the run saved in this run directory (or its checkpoint.pt) with its own settings (None: start a
+    new run). Only the evaluation, logging, checkpoint and tracking flags, --total-steps (to extend it), and
+    --threads, --device and --compile may change (these three change the last bits of the arithmetic, so the run
+    is then no longer exact)"""
     run_name: Optional[str] = None
-    """name of the run directory under runs/ (default: <dataset>__<script>__<seed>__<time>)"""
+    """name of the run directory under runs/ (None: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
     """torch device: auto picks cuda when available"""
     threads: Optional[int] = None
-    """torch CPU threads (default: one per core); give each of several runs on one machine its share"""
+    """torch CPU threads (None: one per core); give each of several runs on one machine its share"""
     compile: bool = False
     """replay each update step as one CUDA graph on GPUs (small updates are bound by kernel launches);
     torch.compile the networks on CPUs"""
@@ -706,8 +707,10 @@ def parse_args() -> Args:
     args = tyro.cli(Args, description=__doc__)
     if args.resume is None:
         return args
-    return tyro.cli(Args, description=__doc__,
-                    default=Args(**{**load_checkpoint(args.resume)["args"], "resume": args.resume}))
+    resumed = Path(args.resume)  # the run's directory, or the checkpoint.pt in it
+    run_dir = str(resumed.parent if resumed.name == "checkpoint.pt" and resumed.is_file() else resumed)
+    saved = Args(**{**load_checkpoint(run_dir)["args"], "resume": run_dir})
+    return replace(tyro.cli(Args, description=__doc__, default=saved), resume=run_dir)
 
 
 def load_checkpoint(run_dir: str) -> dict:

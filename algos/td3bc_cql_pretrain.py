@@ -66,10 +66,10 @@ class Args:
     seed: int = 0
     """seed for network initialisation, batch sampling and evaluation episodes"""
     total_steps: Optional[int] = None
-    """gradient steps in all, pre-training included (default per dataset, as the authors: halfcheetah
+    """gradient steps in all, pre-training included (None: the authors' budget for the dataset, halfcheetah
     100k, hopper and walker2d 500k, Adroit 300k, else 1M)"""
     pretrain_steps: Optional[int] = None
-    """gradient steps of pre-training at the start of the budget (default per dataset: 10k, walker2d 20k,
+    """gradient steps of pre-training at the start of the budget (None: per dataset, 10k, walker2d 20k,
     Adroit 200k)"""
     pretrain: Literal["actor-critic", "actor", "critic", "none"] = "actor-critic"
     """what to pre-train: both (the method), actor only or critic only (the paper's ablations), or none
@@ -86,7 +86,7 @@ class Args:
     pre-training targets (the Monte-Carlo returns), so pre-training fits the shape of Q, not its level (when
     the critics are pre-trained)"""
     alpha: Optional[float] = None
-    """TD3+BC's weight on Q in the actor loss (default per dataset: halfcheetah 20, hopper 10, walker2d 5
+    """TD3+BC's weight on Q in the actor loss (None: per dataset, halfcheetah 20, hopper 10, walker2d 5
     for medium data, 2.5 for random/expert/medium-expert, Adroit 1)"""
     batch_size: int = 256
     """transitions per gradient step"""
@@ -126,15 +126,16 @@ class Args:
     checkpoint_interval: int = 50_000
     """save a resumable checkpoint every this many steps (0: only when interrupted and at the end)"""
     resume: Optional[str] = None
-    """continue the run saved in this run directory, with its own settings. Only --total-steps (to extend it),
-    the evaluation, logging, checkpoint and tracking flags, and --threads, --device and --compile may change
-    (these three change the last bits of the arithmetic, so the run is then no longer exact)"""
+    """continue the run saved in this run directory (or its checkpoint.pt) with its own settings (None: start a
+    new run). Only the evaluation, logging, checkpoint and tracking flags, --total-steps (to extend it), and
+    --threads, --device and --compile may change (these three change the last bits of the arithmetic, so the run
+    is then no longer exact)"""
     run_name: Optional[str] = None
-    """name of the run directory under runs/ (default: <dataset>__<script>__<seed>__<time>)"""
+    """name of the run directory under runs/ (None: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
     """torch device: auto picks cuda when available"""
     threads: Optional[int] = None
-    """torch CPU threads (default: one per core); give each of several runs on one machine its share"""
+    """torch CPU threads (None: one per core); give each of several runs on one machine its share"""
     compile: bool = False
     """replay each update step as one CUDA graph on GPUs (small updates are bound by kernel launches);
     torch.compile the networks on CPUs"""
@@ -518,8 +519,10 @@ def parse_args() -> Args:
     args = tyro.cli(Args, description=__doc__)
     if args.resume is None:
         return args
-    return tyro.cli(Args, description=__doc__,
-                    default=Args(**{**load_checkpoint(args.resume)["args"], "resume": args.resume}))
+    resumed = Path(args.resume)  # the run's directory, or the checkpoint.pt in it
+    run_dir = str(resumed.parent if resumed.name == "checkpoint.pt" and resumed.is_file() else resumed)
+    saved = Args(**{**load_checkpoint(run_dir)["args"], "resume": run_dir})
+    return replace(tyro.cli(Args, description=__doc__, default=saved), resume=run_dir)
 
 
 def load_checkpoint(run_dir: str) -> dict:

@@ -95,12 +95,13 @@ def test_a_second_ctrl_c_never_corrupts_the_checkpoint(tiny_dataset, tmp_path):
             assert start(script, ["--resume", run_dir], tmp_path).wait(timeout=600) == 0
 
 
-def test_resume_extends_a_finished_run_exactly(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("resume_from", ["runs/short", "runs/short/checkpoint.pt"])
+def test_resume_extends_a_finished_run_exactly(resume_from, tiny_dataset, tmp_path):
     run_args = flags("td3bc_pretrain.py", tiny_dataset, total=500, pretrain=200)
     assert run_script("td3bc_pretrain.py", *run_args, "--run-name", "long", cwd=tmp_path).returncode == 0
     short = [*run_args[:3], 300, *run_args[4:]]
     assert run_script("td3bc_pretrain.py", *short, "--run-name", "short", cwd=tmp_path).returncode == 0
-    result = run_script("td3bc_pretrain.py", "--resume", "runs/short", "--total-steps", 500, cwd=tmp_path)
+    result = run_script("td3bc_pretrain.py", "--resume", resume_from, "--total-steps", 500, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert same_weights(tmp_path / "runs" / "long", tmp_path / "runs" / "short")
     extended, straight = scalars(tmp_path / "runs" / "short"), scalars(tmp_path / "runs" / "long")
@@ -225,6 +226,21 @@ def test_any_minari_id_resolves_to_its_environment(minari_path):
     assert module.same_env_here("mujoco/hopper/medium-v0", ["local/hopper/medium-v0", "local/walker2d/medium-v0",
                                                             "myteam/hopper-expert-v0"]) \
         == "This machine has local/hopper/medium-v0, myteam/hopper-expert-v0 (pass one to --env-id)."
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_what_each_unset_flag_means(script):
+    """A flag whose default is None (set per dataset, or by the run) says in its help what None stands for."""
+    result = subprocess.run([sys.executable, str(REPO / "algos" / script), "--help"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "COLUMNS": "1000"})
+    helps = []  # one flag's help each: its line in the box, and those indented below it
+    for line in result.stdout.splitlines():
+        if line.startswith("│ -"):
+            helps.append("")
+        if helps and line.startswith("│"):
+            helps[-1] += " " + line.strip("│ ")
+    unset = [text for text in helps if "(default: None)" in text]
+    assert len(unset) >= 7 and all("(None: " in text for text in unset), [t for t in unset if "(None: " not in t]
 
 
 def test_a_copied_script_finds_returns_py_beside_it(tmp_path):
