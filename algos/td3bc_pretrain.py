@@ -729,8 +729,9 @@ REFRESH = 0.5 if sys.stderr.isatty() else 30  # seconds between progress redraws
 
 
 def progress_over(chunks, description):
-    """A bar for a pass over the whole dataset, which takes a while on a CPU."""
-    return tqdm(chunks, desc=description, unit="chunk", leave=False, mininterval=REFRESH)
+    """A bar for a pass over the whole dataset, which takes a while on a CPU. It draws over the training bar's
+    line (position 0), which redraws after it: a second line would need cursor movements, garbage in a log file."""
+    return tqdm(chunks, desc=description, unit="chunk", leave=False, mininterval=REFRESH, position=0)
 
 
 def speed_up(steps, learner, device, args):

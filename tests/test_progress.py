@@ -29,3 +29,12 @@ def test_elapsed_time_never_goes_back_and_a_resume_reports_its_own_rate(tiny_dat
     done, elapsed, rate = bars(resumed.stderr)[-1]
     # rate x elapsed: the 300 steps this process ran (the bar shows whole seconds), not all 600
     assert done == 600 and 0.5 * 300 < rate * max(elapsed, 1) < 1.5 * 300, (rate, elapsed)
+
+
+def test_a_log_file_gets_no_cursor_movements(tiny_dataset, tmp_path):
+    """A pass over the dataset (here EDAC's entropies for the soft returns) draws its bar on the training bar's
+    line: a log file holds carriage-return redraws only, no terminal escape codes."""
+    result = run_script("edac_pretrain.py", "--env-id", tiny_dataset, "--total-steps", 60, "--pretrain-steps", 40,
+                        "--num-critics", 2, "--hidden-dim", 32, "--eval-episodes", 0, "--run-name", "log", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "entropies for the soft returns" in result.stderr and "\x1b[" not in result.stderr, result.stderr[-2000:]
