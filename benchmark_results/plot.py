@@ -10,7 +10,9 @@ few-seed comparisons as rliable recommends (Agarwal et al., 2021):
 - the probability that a condition improves over the experiment's baseline at the final evaluation
   (rliable's probability of improvement, with its bootstrap interval);
 - the steps to reach 90 % of the better condition's final IQM, on each condition's IQM curve, with a 95 %
-  bootstrap interval over seeds ("not reached" when the curve never gets there).
+  bootstrap interval over seeds ("not reached" when the curve never gets there), and those steps over the
+  baseline's (below 1: sooner; 0 or ∞ when only one of the two gets there), with a 95 % interval from
+  resampling the seeds of both.
 A CSV row records the script version of its run (a hash of the script, from the run's hyperparameters);
 a figure that would mix versions is refused unless --allow-mixed-versions is given.
 """
@@ -215,6 +217,27 @@ def steps_to_interval(steps, scores, threshold, reps, rng):
     return int(np.percentile(reached, 2.5)), int(np.percentile(reached, 97.5))
 
 
+def steps_ratio(steps, scores, base_scores, threshold, reps, rng):
+    """(ratio, low, high): the steps to `threshold` on a condition's IQM curve over those on the baseline's (below
+    1: it gets there sooner), and a 95 % interval from resampling each condition's seeds. A curve that never gets
+    there counts as infinitely late: the ratio is then 0 or infinite, and a resample in which neither gets there
+    is left out."""
+    def ratio(a, b):
+        a, b = (np.inf if x is None else x for x in (a, b))
+        return np.nan if a == b == np.inf else a / b
+
+    def resampled(s):
+        return s[rng.integers(0, len(s), len(s))]
+
+    point = ratio(steps_to(steps, iqm(scores), threshold), steps_to(steps, iqm(base_scores), threshold))
+    boot = np.array([ratio(steps_to(steps, iqm(resampled(scores)), threshold),
+                           steps_to(steps, iqm(resampled(base_scores)), threshold)) for _ in range(reps)])
+    boot = boot[~np.isnan(boot)]
+    if not len(boot):
+        return point, np.nan, np.nan
+    return point, np.percentile(boot, 2.5, method="lower"), np.percentile(boot, 97.5, method="higher")
+
+
 def final_iqm_interval(final_scores, reps):
     """rliable's IQM of the final scores over seeds and its 95 % stratified-bootstrap interval."""
     np.random.seed(0)  # part of the bootstrap draws from the global generator: the same interval every time
@@ -242,6 +265,10 @@ def fmt_steps(value):
     return "-" if value is None else f"{value / 1000:g}k"
 
 
+def fmt_ratio(value):
+    return "-" if np.isnan(value) else "∞" if np.isinf(value) else f"{value:.2f}"
+
+
 def draw(ax, condition, curve):
     """A condition's IQM curve and its 95 % band; returns the curve."""
     steps, scores, center, (low, high) = curve
@@ -260,6 +287,7 @@ def data_protocol(dataset: str) -> str:
 def analyse(experiment, args):
     title, baseline, tags = FIGURES.get(experiment, (experiment, None, (SCORE,)))
     table, rng = load(HERE / "data" / f"{experiment}.csv"), np.random.default_rng(0)
+    ratio_rng = np.random.default_rng(1)  # its own stream: the other intervals stay as they were before it
     rows, lines = [], []
     panels = sorted((key for key in table if key[1] in tags), key=lambda key: (key[0], key[1] != SCORE, key[1]))
     grid_columns = min(len(panels), 3)
@@ -291,6 +319,8 @@ def analyse(experiment, args):
             improvement = probability_of_improvement(scores[:, -1], base[1][:, -1], args.reps) \
                 if same_steps and condition != baseline else None
             final, final_low, final_high = final_iqm_interval(scores[:, -1], args.reps)
+            ratio = steps_ratio(steps, scores, base[1], 0.9 * best_final, args.reps, ratio_rng) \
+                if same_steps and condition != baseline else (np.nan,) * 3
             peak = int(np.argmax(center))  # the best evaluation of the IQM curve: a collapse shows beside the final
             rows.append(dict(experiment=experiment, dataset=dataset, data_protocol=data_protocol(dataset),
                              condition=condition, seeds=len(scores),
@@ -307,13 +337,17 @@ def analyse(experiment, args):
                              steps_to_90pct_of_best=to_90 if to_90 is not None else "",
                              steps_to_90pct_of_best_low=to_90_interval[0] if to_90_interval[0] is not None else "",
                              steps_to_90pct_of_best_high=to_90_interval[1] if to_90_interval[1] is not None else "",
+                             **{f"steps_to_90pct_ratio{end}": "" if np.isnan(value) else round(float(value), 3)
+                                for end, value in zip(("", "_low", "_high"), ratio)},
                              script_versions="+".join(sorted(v for _, v in conditions[condition][1]))))
             p = (f"{improvement[0]:.2f} [{improvement[1]:.2f}, {improvement[2]:.2f}]" if improvement else "-")
             lines.append(f"| {dataset} | {condition} | {len(conditions[condition][2])}/{len(scores)} | {steps[-1]:,} | "
                          f"{center[peak]:.1f} at {fmt_steps(steps[peak])} | "
                          f"{final:.1f} [{final_low:.1f}, {final_high:.1f}] | {scores[:, -1].mean():.1f} ± "
                          f"{scores[:, -1].std():.1f} | {p} | {fmt_steps(to_90)} "
-                         f"[{fmt_steps(to_90_interval[0])}, {fmt_steps(to_90_interval[1])}] |")
+                         f"[{fmt_steps(to_90_interval[0])}, {fmt_steps(to_90_interval[1])}] | "
+                         + (f"{fmt_ratio(ratio[0])} [{fmt_ratio(ratio[1])}, {fmt_ratio(ratio[2])}] |"
+                            if not np.isnan(ratio[0]) else "- |"))
         ax.set_title(f"{dataset}: {tag.split('/')[-1]}", fontsize=9)
         ax.set_xlabel("gradient steps (pre-training included)")
         ax.set_ylabel({SCORE: "normalised score (IQM, 95 % CI)"}.get(tag, tag))
@@ -326,7 +360,8 @@ def analyse(experiment, args):
     if lines:
         header += ("| dataset | condition | seeds finished / plotted | steps | best IQM | final IQM [95 % CI] "
                    f"| final mean ± std | P(better than {baseline}) [95 % CI] | steps to 90 % of the best final IQM "
-                   "[95 % CI] |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+                   f"[95 % CI] | those steps over {baseline}'s [95 % CI] |\n|---|---|---|---|---|---|---|---|---|---|\n"
+                   + "\n".join(lines) + "\n")
     return rows, header + fit_table(table, FIT_STEPS if FIT[0] in tags else None)
 
 

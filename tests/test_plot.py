@@ -145,3 +145,34 @@ def test_export_of_datasets_keeps_the_rows_of_datasets_not_on_this_machine(tmp_p
     plot.export_datasets()
     with open(tmp_path / "data" / "datasets.csv") as f:
         assert list(csv.reader(f)) == [plot.DATASET_COLUMNS, [str(cell) for cell in rows[1]]]
+
+
+def test_steps_ratio_and_its_interval_match_every_resample_worked_by_hand(tmp_path, monkeypatch):
+    import itertools
+    from types import SimpleNamespace
+
+    curves = {("pretrained", 0): [50, 90, 95, 100], ("pretrained", 1): [80, 85, 95, 100],
+              ("scratch", 0): [10, 20, 60, 100], ("scratch", 1): [10, 40, 95, 100],
+              ("never", 0): [0, 0, 0, 0], ("never", 1): [0, 0, 0, 0]}
+    steps = [10000, 20000, 30000, 40000]
+    (tmp_path / "data").mkdir()
+    write_csv(tmp_path / "data" / "pair.csv", {(c, s, step, plot.SCORE): v for (c, s), curve in curves.items()
+                                                for step, v in zip(steps, curve)})
+    monkeypatch.setattr(plot, "HERE", tmp_path)
+    monkeypatch.setitem(plot.FIGURES, "pair", ("test", "scratch", (plot.SCORE,)))
+    rows, table = plot.analyse("pair", SimpleNamespace(reps=1000, allow_mixed_versions=False))
+
+    def first_step_at_90(seeds):  # the IQM of two seeds is their mean; both finals are 100, so 90 % is 90
+        mean = [sum(curves[s][i] for s in seeds) / len(seeds) for i in range(len(steps))]
+        return next(step for step, value in zip(steps, mean) if value >= 90)
+
+    pairs = {c: list(itertools.product([(c, 0), (c, 1)], repeat=2)) for c in ("pretrained", "scratch")}
+    ratios = [first_step_at_90(a) / first_step_at_90(b) for a in pairs["pretrained"] for b in pairs["scratch"]]
+    both = {c: [(c, 0), (c, 1)] for c in pairs}
+    point = first_step_at_90(both["pretrained"]) / first_step_at_90(both["scratch"])
+    assert (point, min(ratios), max(ratios)) == (0.75, 0.5, 1.0)  # every resample is at least 1/16 likely
+    cells = {line.split(" | ")[1]: line.rsplit(" | ", 1)[1] for line in table.splitlines() if "local-hopper" in line}
+    assert cells == {"pretrained": "0.75 [0.50, 1.00] |", "scratch": "- |", "never": "∞ [∞, ∞] |"}
+    by_condition = {row["condition"]: row for row in rows}
+    ratio_columns = [f"steps_to_90pct_ratio{end}" for end in ("", "_low", "_high")]
+    assert [by_condition["pretrained"][column] for column in ratio_columns] == [0.75, 0.5, 1.0]
