@@ -86,7 +86,7 @@ class Args:
     """sampled: actions sampled from the SAC policy's tanh-Gaussian, as D4RL; mean-plus-noise: the policy's
     deterministic action plus Gaussian noise, clipped to the bounds (this project's earlier protocol)"""
     namespace: Optional[str] = None
-    """Minari namespace: datasets are written as <namespace>/<env>/<kind>-v0 (default: local for sampled,
+    """Minari namespace: datasets are written as <namespace>/<env>/<kind>-v0 (None: local for sampled,
     local-noise for mean-plus-noise)"""
     seed: int = 0
     """seed for the learner, environment resets and the actions' randomness"""
@@ -96,10 +96,11 @@ class Args:
     stop_at: Literal["medium", "expert"] = "medium"
     """train until the medium level only, or go on to the expert level"""
     medium_return: Optional[float] = None
-    """average return (of the protocol's actions) that counts as medium; default per env at D4RL's medium
-    level: hopper 1400, halfcheetah 4800, walker2d 2900"""
+    """average return (of the protocol's actions) that counts as medium (None: per env, at D4RL's medium
+    level: hopper 1400, halfcheetah 4800, walker2d 2900)"""
     expert_return: Optional[float] = None
-    """average return that counts as expert; default per env: hopper 3200, halfcheetah 10000, walker2d 4500"""
+    """average return that counts as expert (None: per env, hopper 3200, halfcheetah 10000,
+    walker2d 4500)"""
     medium_size: int = 1_000_000
     """transitions in medium-v0 (and expert-v0), in whole episodes: the last one that reaches the size ends it"""
     random_size: int = 100_000
@@ -109,11 +110,11 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation of a checkpoint"""
     medium_policy: Optional[str] = None
-    """write medium-v0 from this saved policy instead of training (a <work-dir>/<env>/policy_step<N>.npz of an
-    earlier run, the one its medium-v0 metadata name, or one of benchmark_results/behaviour_policies/); skips
-    medium-replay-v0"""
+    """write medium-v0 from this saved policy instead of training, and skip medium-replay-v0: a
+    <work-dir>/<env>/policy_step<N>.npz of an earlier run, the one its medium-v0 metadata name, or one of
+    benchmark_results/behaviour_policies/ (None: train the policy)"""
     expert_policy: Optional[str] = None
-    """with --medium-policy: also write expert-v0 and medium-expert-v0 from this saved policy"""
+    """with --medium-policy: also write expert-v0 and medium-expert-v0 from this saved policy (None: neither)"""
     sac_max_steps: int = 1_000_000
     """SAC: give up training after this many environment steps"""
     sac_eval_every: int = 10_000
@@ -131,15 +132,15 @@ class Args:
     replay_episodes_per_iteration: int = 2
     """ARS: learner rollouts kept per iteration for medium-replay-v0 (the first +/- direction pair)"""
     directions: Optional[int] = None
-    """ARS: random directions per iteration (default per env)"""
+    """ARS: random directions per iteration (None: per env)"""
     top_directions: Optional[int] = None
-    """ARS: best directions used in the update (default per env)"""
+    """ARS: best directions used in the update (None: per env)"""
     step_size: Optional[float] = None
-    """ARS: step size (default per env)"""
+    """ARS: step size (None: per env)"""
     exploration_noise: Optional[float] = None
-    """ARS: std of the parameter perturbations (default per env)"""
+    """ARS: std of the parameter perturbations (None: per env)"""
     reward_shift: Optional[float] = None
-    """ARS: subtracted from every training reward to remove a survival bonus (default per env)"""
+    """ARS: subtracted from every training reward to remove a survival bonus (None: per env)"""
     threads: int = 1
     """torch CPU threads for SAC (one update is too small to gain from more)"""
     work_dir: str = "runs/make_dataset"

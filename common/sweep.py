@@ -39,11 +39,11 @@ class Args:
     experiments_file: str = str(ROOT / "benchmark_results" / "experiments.toml")
     """the TOML file that declares the experiments"""
     seeds: Optional[tuple[int, ...]] = None
-    """only these seeds of each experiment (default: all it declares)"""
+    """only these seeds of each experiment (None: all it declares)"""
     datasets: Optional[tuple[str, ...]] = None
-    """only the runs on these datasets (default: all it declares)"""
+    """only the runs on these datasets (None: all it declares)"""
     conditions: Optional[tuple[str, ...]] = None
-    """only the runs of these conditions (default: all it declares)"""
+    """only the runs of these conditions (None: all it declares)"""
     jobs: int = 2
     """runs at a time: local processes, or SLURM's array parallelism"""
     threads: int = 1
@@ -51,7 +51,7 @@ class Args:
     cluster: Literal["local", "slurm", "debug"] = "local"
     """local: subprocesses here; slurm: one job array; debug: one run after another in this process"""
     partition: Optional[str] = None
-    """SLURM partition"""
+    """SLURM partition (None: the cluster's default)"""
     gpus_per_job: int = 0
     """GPUs per run on SLURM (the scripts use one)"""
     timeout_min: int = 24 * 60

@@ -228,10 +228,11 @@ def test_any_minari_id_resolves_to_its_environment(minari_path):
         == "This machine has local/hopper/medium-v0, myteam/hopper-expert-v0 (pass one to --env-id)."
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_help_says_what_each_unset_flag_means(script):
+@pytest.mark.parametrize("script, unset_flags", [*((f"algos/{script}", 7) for script in SCRIPTS),
+                                                  ("common/make_dataset.py", 10), ("common/sweep.py", 4)])
+def test_help_says_what_each_unset_flag_means(script, unset_flags):
     """A flag whose default is None (set per dataset, or by the run) says in its help what None stands for."""
-    result = subprocess.run([sys.executable, str(REPO / "algos" / script), "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "COLUMNS": "1000"})
     helps = []  # one flag's help each: its line in the box, and those indented below it
     for line in result.stdout.splitlines():
@@ -240,7 +241,7 @@ def test_help_says_what_each_unset_flag_means(script):
         if helps and line.startswith("│"):
             helps[-1] += " " + line.strip("│ ")
     unset = [text for text in helps if "(default: None)" in text]
-    assert len(unset) >= 7 and all("(None: " in text for text in unset), [t for t in unset if "(None: " not in t]
+    assert len(unset) >= unset_flags and all("(None: " in text for text in unset), [t for t in unset if "(None: " not in t]
 
 
 def test_a_copied_script_finds_returns_py_beside_it(tmp_path):
