@@ -31,6 +31,8 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
+ROOT = Path(__file__).resolve().parent.parent  # the project: algos/ and common/
+
 
 @dataclass
 class Args:
@@ -93,7 +95,7 @@ def load_model(run_dir: str) -> dict:
         raise SystemExit(f"error: there is no '{run_dir}': pass the directory of a finished run (runs/<run-name>).")
     if not path.exists():
         raise SystemExit(f"error: no model.pt in '{run_dir}': pass the directory of a finished run (runs/<run-name>)"
-                         "; an interrupted run can be finished with `python algos/<script>.py --resume <dir>`.")
+                         f".{unfinished_run(Path(run_dir))}")
     try:
         model = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # cut short, or not a file the scripts wrote
@@ -103,6 +105,18 @@ def load_model(run_dir: str) -> dict:
         raise SystemExit(f"error: {path} was written by an older version of the scripts; retrain, or load it with "
                          "the training script's own Actor class.")
     return model
+
+
+def unfinished_run(run_dir: Path) -> str:
+    """' This run stopped at step N: ...' when run_dir holds a checkpoint but no model.pt, else ''."""
+    try:  # the run's own file, which resuming it loads the same way
+        checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        step, script = checkpoint["step"], ROOT / "algos" / f"{checkpoint['script']}.py"
+    except Exception:  # no checkpoint, or not one the scripts wrote
+        return ""
+    return (f" This run stopped at step {step}, before writing model.pt: finish it with `python "
+            f"{os.path.relpath(script)} --resume {run_dir}`; its evaluations so far are in its tensorboard log "
+            f"(tensorboard --logdir {run_dir}).")
 
 
 def load_policy(run_dir: str, device="cpu") -> Policy:
@@ -148,7 +162,13 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: --device {args.device}, but this torch sees no CUDA GPU here; use --device cpu.")
     model = load_model(args.run_dir)
     policy = load_policy(args.run_dir, device)
-    dataset = minari.load_dataset(model["dataset_ids"][0])
+    try:  # the evaluation environment and its settings are the dataset's
+        dataset = minari.load_dataset(model["dataset_ids"][0])
+    except FileNotFoundError:
+        raise SystemExit(f"error: evaluating needs the run's dataset {model['dataset_ids'][0]}, for its environment, "
+                         "and it is not on this machine (MINARI_DATASETS_PATH="
+                         f"{os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}): copy it there from the "
+                         "machine that trained the run, or set MINARI_DATASETS_PATH to where it is.")
     render = {"render_mode": "rgb_array"} if args.capture_video else {}
     envs = [dataset.recover_environment(eval_env=True, **render) for _ in range(args.episodes)]
     if args.capture_video:
@@ -175,4 +195,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))

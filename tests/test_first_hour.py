@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script, scalars
+from conftest import REPO, load_script, run_script, scalars
 
 SCRIPTS = ["td3bc_pretrain.py", "td3bc_cql_pretrain.py", "edac_pretrain.py", "edac_bc_pretrain.py"]
 EXTRA = {"edac_pretrain.py": ["--num-critics", 3], "edac_bc_pretrain.py": ["--num-critics", 3]}
@@ -241,7 +241,8 @@ def test_help_says_what_each_unset_flag_means(script, unset_flags):
         if helps and line.startswith("│"):
             helps[-1] += " " + line.strip("│ ")
     unset = [text for text in helps if "(default: None)" in text]
-    assert len(unset) >= unset_flags and all("(None: " in text for text in unset), [t for t in unset if "(None: " not in t]
+    assert len(unset) >= unset_flags, helps
+    assert all("(None: " in text for text in unset), [text for text in unset if "(None: " not in text]
 
 
 def test_a_copied_script_finds_returns_py_beside_it(tmp_path):
@@ -346,6 +347,23 @@ def test_evaluator_says_when_the_run_directory_does_not_exist(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "common" / "evaluate.py"), "runs/nope"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "there is no 'runs/nope'" in result.stderr, result.stderr
+
+
+def test_evaluator_says_how_to_finish_a_run_and_which_dataset_it_needs(tiny_dataset, tmp_path):
+    assert run_script("td3bc_pretrain.py", *flags("td3bc_pretrain.py", tiny_dataset, total=100, pretrain=50),
+                      "--run-name", "half", cwd=tmp_path).returncode == 0
+    evaluate = [sys.executable, str(REPO / "common" / "evaluate.py"), "runs/half", "--episodes", "1"]
+    (tmp_path / "runs" / "half" / "model.pt").rename(tmp_path / "model.pt")  # as if interrupted at its last step
+    result = subprocess.run(evaluate, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    resume = f"python {os.path.relpath(REPO / 'algos' / 'td3bc_pretrain.py', tmp_path)} --resume runs/half`"
+    assert "stopped at step 100" in result.stderr and resume in result.stderr, result.stderr
+    (tmp_path / "model.pt").rename(tmp_path / "runs" / "half" / "model.pt")
+    (tmp_path / "elsewhere").mkdir()  # the run copied to a machine without its dataset
+    result = subprocess.run(evaluate, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "elsewhere")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"needs the run's dataset {tiny_dataset}" in result.stderr and "elsewhere" in result.stderr
 
 
 def test_tracking_with_weights_and_biases_offline(tiny_dataset, tmp_path):
