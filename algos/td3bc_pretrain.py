@@ -552,6 +552,7 @@ def check_args(args: Args, defaulted) -> None:
         f"--tau must lie in (0, 1], got {args.tau}": 0 < args.tau <= 1,
         f"--gamma must lie in [0, 1), got {args.gamma}": 0 <= args.gamma < 1,
         f"--learning-rate must be positive, got {args.learning_rate}": args.learning_rate > 0,
+        f"--alpha must not be negative (0 is behaviour cloning alone), got {args.alpha}": args.alpha >= 0,
         f"--threads must be positive (omit it for one per core), got {args.threads}":
             args.threads is None or args.threads > 0,
     }.items() if not holds]
@@ -560,7 +561,9 @@ def check_args(args: Args, defaulted) -> None:
                                                                                          "total_steps")}
         problems.append(f"--pretrain-steps ({args.pretrain_steps}{source['pretrain_steps']}) cannot exceed "
                         f"--total-steps ({args.total_steps}{source['total_steps']}): pre-training counts inside the "
-                        f"total budget; pass --pretrain-steps {args.total_steps // 2} (say), or a larger --total-steps")
+                        "total budget; " + (f"pass --pretrain-steps {args.total_steps // 2} (say), or a larger "
+                        "--total-steps" if args.resume is None else "a resumed run keeps its pre-training: pass a "
+                        f"--total-steps of at least {args.pretrain_steps}, or start a new run"))
     if problems:
         raise SystemExit("error: " + "; ".join(problems) + ".")
 
@@ -617,7 +620,8 @@ def resolve_dataset(env_id: str):
     match = D4RL_NAME.match(env_id)
     if match is None:
         raise SystemExit(f"error: '{env_id}' is neither a D4RL name like hopper-medium-v2 nor a Minari dataset id "
-                         f"like mujoco/hopper/medium-v0.{did_you_mean(env_id)} Pass one of those to --env-id.")
+                         f"like mujoco/hopper/medium-v0.{did_you_mean(env_id)} Pass one of those to --env-id. "
+                         f"{make_locally(env_id.split('-')[0].lower())}".rstrip())  # for a Gymnasium id: Hopper-v5
     env_name, quality = match["env"], match["quality"]
     hosted = MINARI_HOSTS.get(env_name, ())
     prefix = f"D4RL/{env_name}/{{}}-v2" if env_name in ADROIT_DEMO_LENGTHS else f"mujoco/{env_name}/{{}}-v0"
@@ -941,8 +945,9 @@ class Run:
         self.saving = False
 
     def close(self, exit_code=0):
-        for signum, handler in self.previous_handlers.items():
-            signal.signal(signum, handler)
+        if not exit_code:  # an interrupted run, its checkpoint saved, ignores signals until it exits
+            for signum, handler in self.previous_handlers.items():
+                signal.signal(signum, handler)
         self.progress.close()
         self.writer.close()
         if self.args.track:

@@ -75,6 +75,36 @@ def test_sigint_and_sigterm_save_and_resume_bitwise(script, tiny_dataset, tmp_pa
     assert untimed_scalars(run_dir) == untimed_scalars(tmp_path / "runs" / "reference")
 
 
+def test_a_signal_while_an_interrupted_run_closes_its_logs_is_ignored(monkeypatch):
+    """Once the checkpoint is saved, a further Ctrl-C (while tensorboard or W&B flush) must not reach the handler
+    from before training, which would say that nothing was saved."""
+    module = load_script("td3bc_pretrain.py")
+    handlers_while_closing = []
+
+    class Closable:
+        def close(self):
+            handlers_while_closing.append(signal.getsignal(signal.SIGINT))
+
+    run = module.Run.__new__(module.Run)  # only what Run.interrupt uses
+    run.args, run.dir, run.stop_signal = module.Args(), "runs/x", signal.SIGINT
+    run.progress = run.writer = Closable()
+    run.previous_handlers = {signum: module.leave_before_training for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def leave(code):
+        raise InterruptedError(code)
+
+    monkeypatch.setattr(module.os, "_exit", leave)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(InterruptedError, match="130"):
+            run.interrupt(5)
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert handlers_while_closing == [signal.SIG_IGN] * 2 and after == signal.SIG_IGN
+
+
 def test_a_second_ctrl_c_never_corrupts_the_checkpoint(tiny_dataset, tmp_path):
     """Two SIGINTs in quick succession: whichever way the run leaves, the checkpoint it leaves (if any) loads
     and resumes to the end."""
@@ -146,6 +176,19 @@ def test_resume_refuses_what_it_cannot_do(extra, expected, tiny_dataset, tmp_pat
     assert result.returncode != 0 and expected in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_resumed_run_is_not_told_to_change_its_pretraining(tiny_dataset, tmp_path):
+    """A run stopped during a long pre-training cannot end before it: the advice is a --total-steps that
+    works, not a --pretrain-steps that resuming refuses."""
+    run_args = flags("td3bc_pretrain.py", tiny_dataset, total=300, pretrain=200)
+    assert run_script("td3bc_pretrain.py", *run_args, "--run-name", "long", cwd=tmp_path).returncode == 0
+    path = tmp_path / "runs" / "long" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=False)  # as if stopped at step 300 of a 1000-step pre-training
+    torch.save({**checkpoint, "args": {**checkpoint["args"], "pretrain_steps": 1000, "total_steps": 2000}}, path)
+    result = run_script("td3bc_pretrain.py", "--resume", "runs/long", "--total-steps", 500, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "pass a --total-steps of at least 1000" in result.stderr and "pass --pretrain-steps" not in result.stderr
+
+
 def test_reusing_a_run_name_is_refused(tiny_dataset, tmp_path):
     run_args = flags("td3bc_pretrain.py", tiny_dataset, total=100, pretrain=50)
     assert run_script("td3bc_pretrain.py", *run_args, "--run-name", "taken", cwd=tmp_path).returncode == 0
@@ -179,6 +222,8 @@ def test_start_up_summary_and_threads(tiny_dataset, tmp_path):
     (["--env-id", "hopper-mediun-v2"], "Did you mean hopper-medium-v2?"),
     (["--env-id", "test/hopper/mediun-v0"], "Did you mean test/hopper/medium-v0?"),
     (["--env-id", "test/hopper/medium-v0", "--total-steps", 100], "(10000, this dataset's default)"),
+    (["--env-id", "Hopper-v5"], "python common/make_dataset.py --env-id Hopper-v5"),  # a Gymnasium id
+    (["--env-id", "test/hopper/medium-v0", "--alpha", -1], "--alpha must not be negative"),
 ])
 def test_errors_say_what_to_do(args, expected, tiny_dataset, tmp_path):
     if args[:2] == ["--device", "cuda"] and torch.cuda.is_available() or \
