@@ -21,7 +21,7 @@ not drift to actions the data never shows:
 
 Usage:
     python algos/edac_bc_pretrain.py --env-id pen-human-v1 --eval-protocol adroit
-    python algos/edac_bc_pretrain.py --env-id local/hopper/medium-v0 --total-steps 100000
+    python algos/edac_bc_pretrain.py --env-id local/halfcheetah/medium-v0    # N = 10 critics (hopper's default: 50)
     python algos/edac_bc_pretrain.py --resume runs/<run-name>    # continue an interrupted run exactly
 """
 

@@ -18,7 +18,7 @@ from them, and recomputed every interval after that.
 
 Usage:
     python algos/edac_pretrain.py --env-id walker2d-medium-v2 --lam 0.1
-    python algos/edac_pretrain.py --env-id local/hopper/medium-v0 --total-steps 100000
+    python algos/edac_pretrain.py --env-id local/halfcheetah/medium-v0    # N = 10 critics (hopper's default: 50)
     python algos/edac_pretrain.py --resume runs/<run-name>    # continue an interrupted run exactly
 """
 
