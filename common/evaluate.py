@@ -43,7 +43,8 @@ class Args:
     seed: int = 0
     """episode i starts from env.reset(seed=seed + i) (a training run's evaluation at step S: seed * 10**8 + S)"""
     capture_video: bool = False
-    """write an MP4 of each episode to RUN_DIR/videos (headless machines: MUJOCO_GL=egl)"""
+    """write an MP4 of each episode to RUN_DIR/videos (headless machines: MUJOCO_GL=egl; without a GPU it
+    renders in software, minutes per 1000-step episode: film one or two --episodes)"""
     device: str = "cpu"
     """torch device for the actor"""
     threads: int = 1
