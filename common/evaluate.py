@@ -162,7 +162,7 @@ def main(args: Args) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}, but this torch sees no CUDA GPU here; use --device cpu.")
     model = load_model(args.run_dir)
-    policy = load_policy(args.run_dir, device)
+    policy = Policy(model, device)
     try:  # the evaluation environment and its settings are the dataset's
         dataset = minari.load_dataset(model["dataset_ids"][0])
     except FileNotFoundError:
