@@ -8,9 +8,21 @@ rest started. The engine is submitit: its local executor runs the jobs as subpro
 at a time; on SLURM the grid is one job array, and a preempted or timed-out job checkpoints (the training
 script saves on SIGTERM) and is requeued, to resume where it stopped.
 
-    python common/sweep.py 1_pretrain_vs_scratch --dry-run             # the commands, one per line
-    python common/sweep.py 1_pretrain_vs_scratch 5_lambda --jobs 2 --threads 1
+    python common/sweep.py sampled_hopper_td3bc --dry-run             # the commands, one per line
+    python common/sweep.py sampled_hopper_td3bc lambda --jobs 2 --threads 1
     python common/sweep.py all --cluster slurm --partition gpu --gpus-per-job 1 --jobs 32 --timeout-min 720
+    python common/sweep.py mine --experiments-file my_experiments.toml   # your own, declared as below
+
+An experiment is a TOML table: `script` (a script of algos/, or the path of your own copy), `datasets` and
+`seeds` (lists), `conditions` (condition name -> its flags, or a table that may also set its own script,
+datasets and seeds) and optionally `flags`, given to every run:
+
+    [mine]
+    script = "td3bc_pretrain.py"
+    datasets = ["local/hopper/medium-v0"]
+    seeds = [0, 1, 2]
+    flags = "--total-steps 100000 --eval-interval 5000"
+    conditions = { pretrained = "--pretrain actor-critic", scratch = "--pretrain none" }
 """
 
 import importlib.metadata
@@ -92,16 +104,26 @@ def expand(experiments: dict, names) -> list:
     for name in (experiments if names == ("all",) else names):
         if name not in experiments:
             raise SystemExit(f"error: no experiment '{name}' in the experiments file; it declares: "
-                             f"{', '.join(experiments)}")
+                             f"{', '.join(experiments)}. Declare your own in a TOML file of your own and pass it "
+                             "with --experiments-file (common/sweep.py --help shows one).")
         spec, grid = experiments[name], []
+        missing = [key for key in ("script", "datasets", "seeds", "conditions") if key not in spec]
+        if missing:
+            raise SystemExit(f"error: experiment '{name}' does not say its {', '.join(missing)}; an experiment "
+                             "needs script, datasets, seeds and conditions (common/sweep.py --help shows one).")
         for condition, setting in spec["conditions"].items():
             setting = {"flags": setting} if isinstance(setting, str) else setting
+            script = setting.get("script", spec["script"])
+            if not (ROOT / "algos" / script).is_file():  # an absolute path, to a copy of a script, is kept as it is
+                raise SystemExit(f"error: experiment '{name}' runs script '{script}', which is neither a script of "
+                                 f"algos/ ({', '.join(sorted(p.name for p in (ROOT / 'algos').glob('*.py')))}) nor "
+                                 "the absolute path of a file.")
             for dataset in setting.get("datasets", spec["datasets"]):
                 for seed in setting.get("seeds", spec["seeds"]):
                     flags = ["--env-id", dataset, "--seed", str(seed), *shlex.split(spec.get("flags", "")),
                              *shlex.split(setting.get("flags", ""))]
                     run_name = f"{name}/{condition}__{dataset.replace('/', '-')}__s{seed}"
-                    grid.append((seed, TrainingRun(run_name, setting.get("script", spec["script"]), flags)))
+                    grid.append((seed, TrainingRun(run_name, script, flags)))
         runs += [run for _, run in sorted(grid, key=lambda item: item[0])]  # stable: conditions keep their order
     return runs
 

@@ -208,3 +208,28 @@ def test_extra_flags_reach_new_and_resumed_runs(tmp_path):
     assert result.returncode == 0 and len(commands) == 2, result.stdout + result.stderr
     assert "--total-steps 100" in commands[0] and commands[0].endswith("--compile --eval-episodes 2")
     assert "--resume" in commands[1] and commands[1].endswith("--threads 1 --compile --eval-episodes 2")
+
+
+def test_a_badly_declared_experiment_is_named_with_what_it_lacks_and_a_copied_script_runs(tmp_path):
+    copy = tmp_path / "my_td3bc.py"
+    copy.write_text("")
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[no_seeds]\nscript = "td3bc_pretrain.py"\ndatasets = ["a/x/medium-v0"]\nconditions = { c = "" }\n'
+                    '[wrong_path]\nscript = "algos/td3bc_pretrain.py"\ndatasets = ["a/x/medium-v0"]\nseeds = [0]\n'
+                    'conditions = { c = "" }\n'
+                    f'[copied]\nscript = "{copy}"\ndatasets = ["a/x/medium-v0"]\nseeds = [0]\n'
+                    'conditions = { c = "" }\n')
+
+    def dry_run(experiment):
+        return subprocess.run([sys.executable, str(REPO / "common" / "sweep.py"), experiment, "--experiments-file",
+                               str(grid), "--dry-run", "--work-dir", str(tmp_path)], capture_output=True, text=True,
+                              timeout=120)
+
+    no_seeds = dry_run("no_seeds")
+    assert no_seeds.returncode == 1 and "error: experiment 'no_seeds' does not say its seeds" in no_seeds.stderr
+    assert "Traceback" not in no_seeds.stderr
+    wrong_path = dry_run("wrong_path")
+    assert wrong_path.returncode == 1 and "runs script 'algos/td3bc_pretrain.py', which is neither a script of " \
+        "algos/ (edac_bc_pretrain.py, edac_pretrain.py, td3bc_cql_pretrain.py, td3bc_pretrain.py)" in wrong_path.stderr
+    copied = dry_run("copied")
+    assert copied.returncode == 0 and f"{copy} --env-id a/x/medium-v0" in copied.stdout, copied.stdout + copied.stderr
