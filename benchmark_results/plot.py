@@ -1,10 +1,15 @@
 """Figures, summary.csv and the README's tables of benchmark_results/, from the runs' own logs.
 
-    python benchmark_results/plot.py --export     # refresh data/<experiment>.csv from runs/<experiment>/, then draw
-    python benchmark_results/plot.py              # draw from the committed CSVs alone
+    python benchmark_results/plot.py --export --allow-mixed-versions   # refresh data/ from the runs, then draw
+    python benchmark_results/plot.py --allow-mixed-versions            # draw from the committed CSVs alone
+    python benchmark_results/plot.py --export --experiments-file mine.toml --runs-dir runs --out-dir mine  # your own
 
-The experiments are those of benchmark_results/experiments.toml (common/sweep.py runs them). Statistics, for
-few-seed comparisons as rliable recommends (Agarwal et al., 2021):
+The experiments are those of --experiments-file (benchmark_results/experiments.toml; common/sweep.py runs
+them). Everything is written to --out-dir, benchmark_results/ itself by default: data/<experiment>.csv (with
+--export), <experiment>.png, summary.csv and the tables between the `generated` markers of its README.md
+(a README.md with just those markers where there is none). The committed results mix script versions of
+identical training (benchmark_results/README.md), hence --allow-mixed-versions. Statistics, for few-seed
+comparisons as rliable recommends (Agarwal et al., 2021):
 - the interquartile mean (IQM) of the seeds' scores at each evaluation, with a 95 % stratified-bootstrap
   confidence interval (the figures' bands; the tables' final scores);
 - the probability that a condition improves over the experiment's baseline at the final evaluation
@@ -86,6 +91,10 @@ class Args:
     """bootstrap resamples for every confidence interval"""
     runs_dir: str = str(ROOT / "runs")
     """where --export finds the runs (common/sweep.py's <work-dir>/runs)"""
+    experiments_file: str = str(HERE / "experiments.toml")
+    """the TOML file that declares the experiments (as common/sweep.py's --experiments-file)"""
+    out_dir: str = str(HERE)
+    """where data/, the figures, summary.csv and README.md's generated tables go"""
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -115,10 +124,10 @@ def rows_without_runs(path, runs, runs_dir) -> list:
         return [row for row in list(csv.reader(f))[1:] if tuple(row[:3]) in absent]
 
 
-def export(experiment, runs, runs_dir):
+def export(experiment, runs, runs_dir, out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    path = HERE / "data" / f"{experiment}.csv"
+    path = Path(out) / "data" / f"{experiment}.csv"
     rows, tags = rows_without_runs(path, runs, runs_dir), FIGURES.get(experiment, ("", "", (SCORE,)))[2]
     tags = (*tags, *(tag for tag in FIT if tag not in tags))  # every experiment's fit at the hand-over
     for run in runs:
@@ -144,13 +153,13 @@ DATASET_COLUMNS = ["dataset", "data_protocol", "episodes", "transitions", "avera
                    "average_normalized_score", "behaviour_action_std", "at_bound_fraction", "policy_return"]
 
 
-def export_datasets():
+def export_datasets(out):
     """Every local dataset, read from Minari: its size, average episode return and normalised score, how its
     actions were made (data_protocol), the behaviour policy's action std at a state (make_dataset.py measured
     it on the dataset's states) and the fraction of action coordinates with |a| >= 0.999."""
     import minari
 
-    rows, path, local = [], HERE / "data" / "datasets.csv", minari.list_local_datasets()
+    rows, path, local = [], Path(out) / "data" / "datasets.csv", minari.list_local_datasets()
     for dataset_id in sorted(d for d in local if d.startswith("local")):
         dataset = minari.load_dataset(dataset_id)
         episodes = list(dataset.iterate_episodes())  # one pass over the file for returns and actions alike
@@ -272,7 +281,7 @@ def fmt_ratio(value):
 def draw(ax, condition, curve):
     """A condition's IQM curve and its 95 % band; returns the curve."""
     steps, scores, center, (low, high) = curve
-    ax.plot(steps, center, label=f"{condition} ({len(scores)} seeds)")
+    ax.plot(steps, center, label=f"{condition} ({len(scores)} seed{'s' * (len(scores) != 1)})")
     ax.fill_between(steps, low, high, alpha=0.2)
     return curve
 
@@ -285,8 +294,10 @@ def data_protocol(dataset: str) -> str:
 
 
 def analyse(experiment, args):
-    title, baseline, tags = FIGURES.get(experiment, (experiment, None, (SCORE,)))
-    table, rng = load(HERE / "data" / f"{experiment}.csv"), np.random.default_rng(0)
+    title, baseline, tags = FIGURES.get(experiment, ("", None, (SCORE,)))
+    title = f"{experiment}: {title}" if title else experiment
+    out = Path(args.out_dir)
+    table, rng = load(out / "data" / f"{experiment}.csv"), np.random.default_rng(0)
     ratio_rng = np.random.default_rng(1)  # its own stream: the other intervals stay as they were before it
     rows, lines = [], []
     panels = sorted((key for key in table if key[1] in tags), key=lambda key: (key[0], key[1] != SCORE, key[1]))
@@ -352,11 +363,11 @@ def analyse(experiment, args):
         ax.set_xlabel("gradient steps (pre-training included)")
         ax.set_ylabel({SCORE: "normalised score (IQM, 95 % CI)"}.get(tag, tag))
         ax.legend(fontsize=7)
-    fig.suptitle(f"{experiment}: {title}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(HERE / f"{experiment}.png", dpi=100)
+    fig.savefig(out / f"{experiment}.png", dpi=100)
     plt.close(fig)
-    header = (f"### {experiment}: {title}\n\n![{experiment}]({experiment}.png)\n\n")
+    header = (f"### {title}\n\n![{experiment}]({experiment}.png)\n\n")
     if lines:
         header += ("| dataset | condition | seeds finished / plotted | steps | best IQM | final IQM [95 % CI] "
                    f"| final mean ± std | P(better than {baseline}) [95 % CI] | steps to 90 % of the best final IQM "
@@ -368,8 +379,9 @@ def analyse(experiment, args):
 def data_comparison(args, pairs=(("hopper_td3bc", "earlier data: mean action + noise"),
                                  ("sampled_hopper_td3bc", "data made as D4RL made it"))):
     """One figure with TD3+BC pre-trained and from scratch on hopper-medium made both ways, side by side."""
-    tables = [(load(HERE / "data" / f"{name}.csv"), name, label) for name, label in pairs
-              if (HERE / "data" / f"{name}.csv").exists()]
+    out = Path(args.out_dir)
+    tables = [(load(out / "data" / f"{name}.csv"), name, label) for name, label in pairs
+              if (out / "data" / f"{name}.csv").exists()]
     if len(tables) < 2:
         return ""
     rng = np.random.default_rng(0)
@@ -384,7 +396,7 @@ def data_comparison(args, pairs=(("hopper_td3bc", "earlier data: mean action + n
     axes.flat[0].set_ylabel("normalised score (IQM, 95 % CI)")
     fig.suptitle("TD3+BC on hopper-medium: the same comparison on data made two ways", fontsize=10)
     fig.tight_layout()
-    fig.savefig(HERE / "hopper_data_compared.png", dpi=100)
+    fig.savefig(out / "hopper_data_compared.png", dpi=100)
     plt.close(fig)
     return ("### hopper-medium made two ways\n\n![hopper_data_compared](hopper_data_compared.png)\n\nThe panels "
             "draw the experiments' own curves (tables above and below).\n")
@@ -471,12 +483,12 @@ def action_source(row) -> str:
     return PROTOCOLS.get(row["data_protocol"], row["data_protocol"])
 
 
-def datasets_table():
+def datasets_table(out):
     """Our datasets beside what D4RL reports of its own (data/d4rl_reference.csv), environment by environment."""
     rows = []
     for name, source in (("datasets.csv", "here"), ("d4rl_reference.csv", "D4RL")):
-        if (HERE / "data" / name).exists():
-            with open(HERE / "data" / name) as f:
+        if (Path(out) / "data" / name).exists():
+            with open(Path(out) / "data" / name) as f:
                 rows += [{**row, "source": source} for row in csv.DictReader(f)]
     if not rows:
         return ""
@@ -493,37 +505,41 @@ def datasets_table():
 
 
 def main(args: Args) -> None:
-    with open(HERE / "experiments.toml", "rb") as f:
+    with open(args.experiments_file, "rb") as f:
         experiments = tomllib.load(f)
+    out = Path(args.out_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
     if args.export:
-        export_datasets()
+        export_datasets(out)
         for experiment in experiments:
-            export(experiment, expand(experiments, (experiment,)), args.runs_dir)
-    summary, sections = [], [datasets_table()]
+            export(experiment, expand(experiments, (experiment,)), args.runs_dir, out)
+    summary, sections = [], [datasets_table(out)]
     for experiment in experiments:
-        if (HERE / "data" / f"{experiment}.csv").exists():
+        if (out / "data" / f"{experiment}.csv").exists():
             rows, section = analyse(experiment, args)
             summary += rows
             sections.append(section)
             print(f"drew {experiment}.png")
     sections.insert(1, data_comparison(args))
     if summary:
-        with open(HERE / "summary.csv", "w", newline="") as f:
+        with open(out / "summary.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(summary[0]))
             writer.writeheader()
             writer.writerows(summary)
-    readme = HERE / "README.md"
-    text = readme.read_text()
+    readme = out / "README.md"
+    text = readme.read_text() if readme.exists() else (
+        "# Results\n\n<!-- generated: the runs table -->\n<!-- generated: end of the runs table -->\n\n"
+        "<!-- generated: plot.py writes from here -->\n<!-- generated: to here -->\n")
     for start, end, content in (
             ("<!-- generated: the runs table -->", "<!-- generated: end of the runs table -->",
-             runs_table(experiments, HERE / "data")),
+             runs_table(experiments, out / "data")),
             ("<!-- generated: plot.py writes from here -->", "<!-- generated: to here -->", "\n".join(sections))):
         if start in text:
             head, rest = text.split(start, 1)
             text = f"{head}{start}\n{content}{end}{rest.split(end, 1)[1]}"
     readme.write_text(text)
-    print("updated the tables in benchmark_results/README.md")
+    print(f"updated the tables in {readme}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))

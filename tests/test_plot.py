@@ -89,7 +89,7 @@ def test_runs_table_says_how_far_each_experiment_got(tmp_path):
     assert table[3] == "| `unrun` | 2 runs: 2 conditions, seeds 0; 1k / 3k steps | not started |"
 
 
-def test_datasets_table_puts_each_dataset_beside_the_earlier_one_and_d4rls(tmp_path, monkeypatch):
+def test_datasets_table_puts_each_dataset_beside_the_earlier_one_and_d4rls(tmp_path):
     (tmp_path / "data").mkdir()
     rows = [plot.DATASET_COLUMNS,
             ["local-noise/hopper/medium-v0", "mean-plus-noise", 1686, 1000232, 1713.1, 53.3, 0.08, 0.05, ""],
@@ -100,8 +100,8 @@ def test_datasets_table_puts_each_dataset_beside_the_earlier_one_and_d4rls(tmp_p
     with open(tmp_path / "data" / "d4rl_reference.csv", "w", newline="") as f:
         csv.writer(f).writerows([plot.DATASET_COLUMNS, ["d4rl/hopper/medium-v2", "d4rl", "", 1000000, "",
                                                         "about 40-45", "", "none exactly at ±1", ""]])
-    monkeypatch.setattr(plot, "HERE", tmp_path)
-    lines = [line for line in plot.datasets_table().splitlines() if line.startswith("| local") or "d4rl/" in line]
+    lines = [line for line in plot.datasets_table(tmp_path).splitlines()
+             if line.startswith("| local") or "d4rl/" in line]
     assert [line.split(" | ")[0][2:] for line in lines] == [
         "local/halfcheetah/medium-v0", "local/hopper/medium-v0", "d4rl/hopper/medium-v2",
         "local-noise/hopper/medium-v0"]
@@ -115,21 +115,20 @@ def test_data_protocol_follows_the_namespace():
     assert plot.data_protocol("mujoco-hopper-medium-v0") == "mujoco"
 
 
-def test_export_refreshes_the_runs_at_hand_and_keeps_the_rows_of_runs_it_cannot_see(tmp_path, monkeypatch):
+def test_export_refreshes_the_runs_at_hand_and_keeps_the_rows_of_runs_it_cannot_see(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     experiments = {"exp": {"script": "td3bc_pretrain.py", "datasets": ["local/hopper/medium-v0"], "seeds": [0, 1],
                            "conditions": {"pretrained": "--pretrain actor-critic"}}}
     runs = plot.expand(experiments, ("exp",))
     (tmp_path / "data").mkdir()
-    monkeypatch.setattr(plot, "HERE", tmp_path)
     # an earlier export, from a machine that had both runs: seed 0 at 1.0, seed 1 at 2.0
     write_csv(tmp_path / "data" / "exp.csv", {("pretrained", 0, 5000, plot.SCORE): 1.0,
                                                ("pretrained", 1, 5000, plot.SCORE): 2.0})
     with SummaryWriter(tmp_path / "runs" / "exp" / "pretrained__local-hopper-medium-v0__s1") as writer:
         writer.add_scalar(plot.SCORE, 7.0, 5000)  # only seed 1 is here now, and it has a new value
         writer.add_scalar(plot.SCORE, 8.0, 10000)
-    plot.export("exp", runs, tmp_path / "runs")
+    plot.export("exp", runs, tmp_path / "runs", tmp_path)
     with open(tmp_path / "data" / "exp.csv") as f:
         values = {(r["seed"], int(r["step"])): float(r["value"]) for r in csv.DictReader(f)}
     assert values == {("0", 5000): 1.0, ("1", 5000): 7.0, ("1", 10000): 8.0}
@@ -140,9 +139,8 @@ def test_export_of_datasets_keeps_the_rows_of_datasets_not_on_this_machine(tmp_p
     rows = [plot.DATASET_COLUMNS, ["local/gone/medium-v0", "sampled", 10, 1000, 5.0, 1.0, 0.2, 0.0, 5.0]]
     with open(tmp_path / "data" / "datasets.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    monkeypatch.setattr(plot, "HERE", tmp_path)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "no_datasets"))  # a machine without them
-    plot.export_datasets()
+    plot.export_datasets(tmp_path)
     with open(tmp_path / "data" / "datasets.csv") as f:
         assert list(csv.reader(f)) == [plot.DATASET_COLUMNS, [str(cell) for cell in rows[1]]]
 
@@ -158,9 +156,8 @@ def test_steps_ratio_and_its_interval_match_every_resample_worked_by_hand(tmp_pa
     (tmp_path / "data").mkdir()
     write_csv(tmp_path / "data" / "pair.csv", {(c, s, step, plot.SCORE): v for (c, s), curve in curves.items()
                                                 for step, v in zip(steps, curve)})
-    monkeypatch.setattr(plot, "HERE", tmp_path)
     monkeypatch.setitem(plot.FIGURES, "pair", ("test", "scratch", (plot.SCORE,)))
-    rows, table = plot.analyse("pair", SimpleNamespace(reps=1000, allow_mixed_versions=False))
+    rows, table = plot.analyse("pair", SimpleNamespace(reps=1000, allow_mixed_versions=False, out_dir=tmp_path))
 
     def first_step_at_90(seeds):  # the IQM of two seeds is their mean; both finals are 100, so 90 % is 90
         mean = [sum(curves[s][i] for s in seeds) / len(seeds) for i in range(len(steps))]
@@ -176,3 +173,26 @@ def test_steps_ratio_and_its_interval_match_every_resample_worked_by_hand(tmp_pa
     by_condition = {row["condition"]: row for row in rows}
     ratio_columns = [f"steps_to_90pct_ratio{end}" for end in ("", "_low", "_high")]
     assert [by_condition["pretrained"][column] for column in ratio_columns] == [0.75, 0.5, 1.0]
+
+
+def test_your_own_experiment_is_plotted_into_a_folder_of_its_own(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    (tmp_path / "mine.toml").write_text('[mine]\nscript = "td3bc_pretrain.py"\ndatasets = ["local/hopper/medium-v0"]\n'
+                                        'seeds = [0]\nconditions = { pretrained = "", scratch = "--pretrain none" }\n')
+    for condition, score in (("pretrained", 60.0), ("scratch", 40.0)):
+        with SummaryWriter(tmp_path / "runs" / "mine" / f"{condition}__local-hopper-medium-v0__s0") as writer:
+            writer.add_scalar(plot.SCORE, score, 5000)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "no_datasets"))
+    shipped = {path: path.read_bytes() for path in (plot.HERE / "README.md", plot.HERE / "summary.csv")}
+    plot.main(plot.Args(export=True, reps=100, runs_dir=str(tmp_path / "runs"),
+                        experiments_file=str(tmp_path / "mine.toml"), out_dir=str(tmp_path / "out")))
+    assert {path: path.read_bytes() for path in shipped} == shipped  # the project's results are left alone
+    out = tmp_path / "out"
+    assert (out / "data" / "mine.csv").exists() and (out / "mine.png").exists()
+    with open(out / "summary.csv") as f:
+        finals = {row["condition"]: float(row["final_iqm"]) for row in csv.DictReader(f)}
+    assert finals == {"pretrained": 60.0, "scratch": 40.0}
+    readme = (out / "README.md").read_text()
+    assert "| `mine` | 2 runs: 2 conditions, seeds 0; default steps | 2 runs (seed 0), 0 finished" in readme
+    assert "### mine\n" in readme
