@@ -112,12 +112,14 @@ def unfinished_run(run_dir: Path) -> str:
     """' This run stopped at step N: ...' when run_dir holds a checkpoint but no model.pt, else ''."""
     try:  # the run's own file, which resuming it loads the same way
         checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-        step, script = checkpoint["step"], ROOT / "algos" / f"{checkpoint['script']}.py"
+        step, name = checkpoint["step"], f"{checkpoint['script']}.py"
     except Exception:  # no checkpoint, or not one the scripts wrote
         return ""
-    return (f" This run stopped at step {step}, before writing model.pt: finish it with `python "
-            f"{os.path.relpath(script)} --resume {run_dir}`; its evaluations so far are in its tensorboard log "
-            f"(tensorboard --logdir {run_dir}).")
+    # the script in this project's algos/, or (evaluate.py copied beside a copy of it) the one beside this file
+    script = next((p for p in (ROOT / "algos" / name, Path(__file__).with_name(name)) if p.exists()), Path(name))
+    return (f" This run stopped at step {step}, before writing model.pt: finish it with the {name} that made it, "
+            f"`python {os.path.relpath(script)} --resume {run_dir}`; its evaluations so far are in its tensorboard "
+            f"log (tensorboard --logdir {run_dir}).")
 
 
 def load_policy(run_dir: str, device="cpu") -> Policy:

@@ -4,6 +4,7 @@ errors that say what to do, the start-up summary, and using what was trained (co
 import importlib.util
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -403,6 +404,12 @@ def test_evaluator_says_how_to_finish_a_run_and_which_dataset_it_needs(tiny_data
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     resume = f"python {os.path.relpath(REPO / 'algos' / 'td3bc_pretrain.py', tmp_path)} --resume runs/half`"
     assert "stopped at step 100" in result.stderr and resume in result.stderr, result.stderr
+    (tmp_path / "project").mkdir()  # evaluate.py copied into a project of one's own, beside a copied script
+    for source in (REPO / "common" / "evaluate.py", REPO / "algos" / "td3bc_pretrain.py"):
+        shutil.copy(source, tmp_path / "project")
+    result = subprocess.run([sys.executable, "project/evaluate.py", *evaluate[2:]], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert "`python project/td3bc_pretrain.py --resume runs/half`" in result.stderr, result.stderr
     (tmp_path / "model.pt").rename(tmp_path / "runs" / "half" / "model.pt")
     (tmp_path / "elsewhere").mkdir()  # the run copied to a machine without its dataset
     result = subprocess.run(evaluate, cwd=tmp_path, capture_output=True, text=True, timeout=120,
