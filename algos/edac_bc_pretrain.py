@@ -11,6 +11,7 @@ entropy-regularised agent value the actor's entropy too:
      all N critics regress onto it, with EDAC's diversity term on;
   3. EDAC continues from those networks, target networks and optimiser states (after --critic-warmup-steps
      of EDAC's critic update alone, if given: the critics learn EDAC's targets before the actor moves).
+
 By default LayerNorm follows every hidden linear layer of actor and critics. With --lam > 0 the critics regress
 onto soft lambda-returns (lam = 0 is pure Monte-Carlo, lam = 1 one-step TD): they first fit the soft
 Monte-Carlo returns for one --lambda-refresh-interval, and only then are the lambda-returns computed
@@ -140,9 +141,9 @@ class Args:
     """save a resumable checkpoint every this many steps (0: only when interrupted and at the end)"""
     resume: Optional[str] = None
     """continue the run saved in this run directory (or its checkpoint.pt) with its own settings (None: start a
-    new run). Only the evaluation, logging, checkpoint and tracking flags, --total-steps (to extend it), and
-    --threads, --device and --compile may change (these three change the last bits of the arithmetic, so the run
-    is then no longer exact)"""
+    new run). Only --total-steps (to extend it), --eval-interval, --eval-episodes, the logging, checkpoint and
+    tracking flags, and --threads, --device and --compile may change (these three change the last bits of the
+    arithmetic, so the run is then no longer exact)"""
     run_name: Optional[str] = None
     """name of the run directory under runs/ (None: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
@@ -866,7 +867,7 @@ def resolve_dataset(env_id: str):
                      f"{did_you_mean(env_id) if quality not in D4RL_QUALITIES or not hosted else ''} It hosts "
                      + (", ".join(prefix.format(q) for q in hosted) if hosted else
                         "mujoco/<env>/{simple,medium,expert}-v0 and D4RL/<adroit task>/{human,cloned,expert}-v2")
-                     + f". {make_locally(env_name)}")
+                     + f". {make_locally(env_name)}".rstrip())
 
 
 def make_locally(env_name: str) -> str:

@@ -7,6 +7,7 @@ Devlin and Storkey, 2024, arXiv 2406.13376) on top of TD3+BC (Fujimoto and Gu, 2
      jointly on the same batches, so actor and critic start as a consistent pair that already values
      the behaviour policy;
   3. continue with TD3+BC from those networks, target networks and optimiser states.
+
 By default LayerNorm follows every hidden linear layer of actor and critic. For small or stochastic data,
 --lam > 0 makes the critics regress onto lambda-returns (0 is pure Monte-Carlo, 1 one-step TD): they
 first fit the Monte-Carlo returns for one --lambda-refresh-interval, and only then are the lambda-returns
@@ -119,9 +120,9 @@ class Args:
     """save a resumable checkpoint every this many steps (0: only when interrupted and at the end)"""
     resume: Optional[str] = None
     """continue the run saved in this run directory (or its checkpoint.pt) with its own settings (None: start a
-    new run). Only the evaluation, logging, checkpoint and tracking flags, --total-steps (to extend it), and
-    --threads, --device and --compile may change (these three change the last bits of the arithmetic, so the run
-    is then no longer exact)"""
+    new run). Only --total-steps (to extend it), --eval-interval, --eval-episodes, the logging, checkpoint and
+    tracking flags, and --threads, --device and --compile may change (these three change the last bits of the
+    arithmetic, so the run is then no longer exact)"""
     run_name: Optional[str] = None
     """name of the run directory under runs/ (None: <dataset>__<script>__<seed>__<time>)"""
     device: str = "auto"
@@ -631,7 +632,7 @@ def resolve_dataset(env_id: str):
                      f"{did_you_mean(env_id) if quality not in D4RL_QUALITIES or not hosted else ''} It hosts "
                      + (", ".join(prefix.format(q) for q in hosted) if hosted else
                         "mujoco/<env>/{simple,medium,expert}-v0 and D4RL/<adroit task>/{human,cloned,expert}-v2")
-                     + f". {make_locally(env_name)}")
+                     + f". {make_locally(env_name)}".rstrip())
 
 
 def make_locally(env_name: str) -> str:

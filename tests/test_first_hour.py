@@ -246,6 +246,7 @@ def test_errors_say_what_to_do(args, expected, tiny_dataset, tmp_path):
 def test_errors_about_one_thing_say_nothing_about_another(args, expected, unexpected, tiny_dataset, tmp_path):
     result = run_script("td3bc_pretrain.py", *args, cwd=tmp_path)
     assert result.returncode != 0 and expected in result.stderr and unexpected not in result.stderr, result.stderr
+    assert not any(line.endswith(" ") for line in result.stderr.splitlines()), repr(result.stderr)
 
 
 @pytest.mark.parametrize("script", ["td3bc_cql_pretrain.py", "edac_pretrain.py"])
