@@ -104,7 +104,7 @@ def expand(experiments: dict, names) -> list:
     for name in (experiments if names == ("all",) else names):
         if name not in experiments:
             raise SystemExit(f"error: no experiment '{name}' in the experiments file; it declares: "
-                             f"{', '.join(experiments)}. Declare your own in a TOML file of your own and pass it "
+                             f"{', '.join(experiments)}. Declare yours in a TOML file and pass it "
                              "with --experiments-file (common/sweep.py --help shows one).")
         spec, grid = experiments[name], []
         missing = [key for key in ("script", "datasets", "seeds", "conditions") if key not in spec]
