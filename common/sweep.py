@@ -13,16 +13,17 @@ script saves on SIGTERM) and is requeued, to resume where it stopped.
     python common/sweep.py all --cluster slurm --partition gpu --gpus-per-job 1 --jobs 32 --timeout-min 720
     python common/sweep.py mine --experiments-file my_experiments.toml   # your own, declared as below
 
-An experiment is a TOML table: `script` (a script of algos/, or the path of your own copy), `datasets` and
-`seeds` (lists), `conditions` (condition name -> its flags, or a table that may also set its own script,
-datasets and seeds) and optionally `flags`, given to every run:
+An experiment is a TOML table: `script` (a script of algos/, or the path of your own copy from the TOML file's
+folder, which wins over algos/'s script of the same name), `datasets` and `seeds` (lists), `conditions`
+(condition name -> its flags, or a table that may also set its own script, datasets and seeds; plot.py compares
+each with the first) and optionally `flags`, given to every run:
 
     [mine]
     script = "td3bc_pretrain.py"
     datasets = ["local/hopper/medium-v0"]
     seeds = [0, 1, 2]
     flags = "--total-steps 100000 --eval-interval 5000"
-    conditions = { pretrained = "--pretrain actor-critic", scratch = "--pretrain none" }
+    conditions = { scratch = "--pretrain none", pretrained = "--pretrain actor-critic" }
 """
 
 import importlib.metadata
@@ -84,22 +85,24 @@ class TrainingRun:
     """One run of the grid: its name, script and flags."""
 
     name: str
-    script: str
+    script: str  # as declared, which plot.py records
     flags: list
+    path: str = ""  # the file that runs: the declared script beside the experiments file, else algos/'s
     extra_flags: tuple = ()  # --extra-flags: for this machine (--compile), not part of the experiment
 
     def command(self, runs_dir: str, threads: int) -> list:
         """The command that finishes this run from wherever it stands: resume if it saved a checkpoint."""
         run_dir = Path(runs_dir) / self.name
-        script = [sys.executable, str(ROOT / "algos" / self.script)]
+        script = [sys.executable, self.path]
         if (run_dir / "checkpoint.pt").exists():
             return [*script, "--resume", str(run_dir), "--threads", str(threads), *self.extra_flags]
         return [*script, *self.flags, "--run-name", self.name, "--threads", str(threads), *self.extra_flags]
 
 
-def expand(experiments: dict, names) -> list:
+def expand(experiments: dict, names, folder=ROOT / "benchmark_results") -> list:
     """The grid of each named experiment as TrainingRuns, seed by seed (so that a grid stopped half-way has
-    whole seeds of every condition)."""
+    whole seeds of every condition). A script path is taken from `folder`, the experiments file's, so that
+    a copy beside one's own TOML file runs rather than algos/'s script of the same name."""
     runs = []
     for name in (experiments if names == ("all",) else names):
         if name not in experiments:
@@ -114,16 +117,17 @@ def expand(experiments: dict, names) -> list:
         for condition, setting in spec["conditions"].items():
             setting = {"flags": setting} if isinstance(setting, str) else setting
             script = setting.get("script", spec["script"])
-            if not (ROOT / "algos" / script).is_file():  # an absolute path, to a copy of a script, is kept as it is
+            path = next((p for p in (Path(folder) / script, ROOT / "algos" / script) if p.is_file()), None)
+            if path is None:
                 raise SystemExit(f"error: experiment '{name}' runs script '{script}', which is neither a script of "
                                  f"algos/ ({', '.join(sorted(p.name for p in (ROOT / 'algos').glob('*.py')))}) nor "
-                                 "the absolute path of a file.")
+                                 f"a file at that path from the experiments file's folder, {Path(folder).resolve()}.")
             for dataset in setting.get("datasets", spec["datasets"]):
                 for seed in setting.get("seeds", spec["seeds"]):
                     flags = ["--env-id", dataset, "--seed", str(seed), *shlex.split(spec.get("flags", "")),
                              *shlex.split(setting.get("flags", ""))]
                     run_name = f"{name}/{condition}__{dataset.replace('/', '-')}__s{seed}"
-                    grid.append((seed, TrainingRun(run_name, script, flags)))
+                    grid.append((seed, TrainingRun(run_name, script, flags, str(path.resolve()))))
         runs += [run for _, run in sorted(grid, key=lambda item: item[0])]  # stable: conditions keep their order
     return runs
 
@@ -321,7 +325,7 @@ def main(args: Args) -> None:
     if not args.experiments:
         raise SystemExit(f"error: name the experiments to run (or all); {args.experiments_file} declares: "
                          f"{', '.join(experiments)}")
-    runs = expand(experiments, args.experiments)
+    runs = expand(experiments, args.experiments, Path(args.experiments_file).parent)
     runs = select(runs, args.seeds, lambda run: int(run.name.rsplit("__s", 1)[1]), "--seeds")
     runs = select(runs, args.datasets, lambda run: run.flags[run.flags.index("--env-id") + 1], "--datasets")
     runs = select(runs, args.conditions, lambda run: run.name.split("/", 1)[1].split("__")[0], "--conditions")

@@ -233,3 +233,21 @@ def test_a_badly_declared_experiment_is_named_with_what_it_lacks_and_a_copied_sc
         "algos/ (edac_bc_pretrain.py, edac_pretrain.py, td3bc_cql_pretrain.py, td3bc_pretrain.py)" in wrong_path.stderr
     copied = dry_run("copied")
     assert copied.returncode == 0 and f"{copy} --env-id a/x/medium-v0" in copied.stdout, copied.stdout + copied.stderr
+
+
+def test_a_copy_beside_ones_experiments_file_runs_rather_than_the_projects_script_of_that_name(tmp_path):
+    project = tmp_path / "project"
+    (project / "variants").mkdir(parents=True)
+    for script in ("td3bc_pretrain.py", "variants/my_cql.py"):
+        (project / script).write_text("")
+    grid = project / "mine.toml"
+    scripts = {"copy": "td3bc_pretrain.py", "sub": "variants/my_cql.py", "ours": "edac_pretrain.py"}
+    grid.write_text("".join(f'[{name}]\nscript = "{script}"\ndatasets = ["a/x/medium-v0"]\nseeds = [0]\n'
+                            'conditions = { c = "" }\n' for name, script in scripts.items()))
+    result = subprocess.run([sys.executable, str(REPO / "common" / "sweep.py"), "all", "--experiments-file", str(grid),
+                             "--dry-run", "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    commands = [line.split()[1] for line in result.stdout.splitlines() if "--env-id a/x/medium-v0" in line]
+    assert commands == [str(project / "td3bc_pretrain.py"), str(project / "variants" / "my_cql.py"),
+                        str(REPO / "algos" / "edac_pretrain.py")]
