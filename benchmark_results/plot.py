@@ -146,21 +146,23 @@ def export(experiment, runs, runs_dir, out):
         return
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([COLUMNS, *rows])
-    print(f"wrote data/{experiment}.csv ({len(rows)} values)")
+    print(f"wrote {path} ({len(rows)} values)")
 
 
 DATASET_COLUMNS = ["dataset", "data_protocol", "episodes", "transitions", "average_return",
                    "average_normalized_score", "behaviour_action_std", "at_bound_fraction", "policy_return"]
 
 
-def export_datasets(out):
-    """Every local dataset, read from Minari: its size, average episode return and normalised score, how its
-    actions were made (data_protocol), the behaviour policy's action std at a state (make_dataset.py measured
-    it on the dataset's states) and the fraction of action coordinates with |a| >= 0.999."""
+def export_datasets(out, dataset_ids):
+    """Each of these datasets that is on this machine, read from Minari: its size, average episode return and
+    normalised score, how its actions were made (data_protocol), the behaviour policy's action std at a state
+    (make_dataset.py measured it on the dataset's states) and the fraction of action coordinates with
+    |a| >= 0.999."""
     import minari
 
-    rows, path, local = [], Path(out) / "data" / "datasets.csv", minari.list_local_datasets()
-    for dataset_id in sorted(d for d in local if d.startswith("local")):
+    path, here = Path(out) / "data" / "datasets.csv", sorted(set(dataset_ids) & set(minari.list_local_datasets()))
+    rows = []
+    for dataset_id in here:
         dataset = minari.load_dataset(dataset_id)
         episodes = list(dataset.iterate_episodes())  # one pass over the file for returns and actions alike
         returns = np.array([float(e.rewards.sum()) for e in episodes])
@@ -173,9 +175,9 @@ def export_datasets(out):
                      "" if spread is None else round(float(spread), 3),
                      round(float(np.mean(np.abs(actions) >= 0.999)), 4),
                      "" if not isinstance(policy_return, float) else round(policy_return, 1)))
-    if path.exists():  # the datasets not on this machine keep the row an earlier export wrote
+    if path.exists():  # the datasets not read now keep the row an earlier export wrote
         with open(path) as f:
-            rows += [row for row in list(csv.reader(f))[1:] if row[0] not in local]
+            rows += [row for row in list(csv.reader(f))[1:] if row[0] not in here]
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([DATASET_COLUMNS, *sorted(rows, key=lambda row: row[0])])
 
@@ -301,6 +303,8 @@ def analyse(experiment, args):
     ratio_rng = np.random.default_rng(1)  # its own stream: the other intervals stay as they were before it
     rows, lines = [], []
     panels = sorted((key for key in table if key[1] in tags), key=lambda key: (key[0], key[1] != SCORE, key[1]))
+    if baseline is None and panels:  # an experiment of one's own: its first condition is the baseline
+        baseline = next(iter(table[panels[0]]))
     grid_columns = min(len(panels), 3)
     grid_rows = -(-len(panels) // grid_columns)
     fig, axes = plt.subplots(grid_rows, grid_columns, figsize=(max(5.6 * grid_columns, 8.0), 4.0 * grid_rows),
@@ -325,13 +329,14 @@ def analyse(experiment, args):
                 continue
             to_90 = steps_to(steps, center, 0.9 * best_final)
             to_90_interval = steps_to_interval(steps, scores, 0.9 * best_final, args.reps, rng)
-            base = curves.get(baseline if baseline in curves else next(iter(curves)))
-            same_steps = base is not None and len(base[0]) and base[0][-1] == steps[-1]
+            base_name = baseline if baseline in curves else next(iter(curves))
+            base = curves[base_name]
+            compared = len(base[0]) and base[0][-1] == steps[-1] and condition != base_name
             improvement = probability_of_improvement(scores[:, -1], base[1][:, -1], args.reps) \
-                if same_steps and condition != baseline else None
+                if compared else None
             final, final_low, final_high = final_iqm_interval(scores[:, -1], args.reps)
             ratio = steps_ratio(steps, scores, base[1], 0.9 * best_final, args.reps, ratio_rng) \
-                if same_steps and condition != baseline else (np.nan,) * 3
+                if compared else (np.nan,) * 3
             peak = int(np.argmax(center))  # the best evaluation of the IQM curve: a collapse shows beside the final
             rows.append(dict(experiment=experiment, dataset=dataset, data_protocol=data_protocol(dataset),
                              condition=condition, seeds=len(scores),
@@ -339,7 +344,7 @@ def analyse(experiment, args):
                              final_score_mean=round(float(scores[:, -1].mean()), 2),
                              final_score_std=round(float(scores[:, -1].std()), 2),
                              best_iqm=round(float(center[peak]), 2), best_iqm_step=int(steps[peak]),
-                             steps_to_90pct_of_scratch=steps_to(steps, center, 0.9 * base[2][-1]) if base else "",
+                             steps_to_90pct_of_scratch=steps_to(steps, center, 0.9 * base[2][-1]),
                              final_iqm=round(final, 2), final_iqm_low=round(final_low, 2),
                              final_iqm_high=round(final_high, 2),
                              prob_improvement=round(improvement[0], 3) if improvement else "",
@@ -443,15 +448,14 @@ def flag_value(flags, name):
     return values[-1] if values else None
 
 
-def runs_table(experiments, data_dir):
-    """For every experiment: the grid experiments.toml declares, and how far its runs got by the last export:
-    the runs with logged values, how many of them finished, and the range of their last logged steps."""
-    lines = ["| experiment | declared in experiments.toml | ran here |", "|---|---|---|"]
-    for experiment in experiments:
-        grid = expand(experiments, (experiment,))
+def runs_table(grids, data_dir, experiments_file="experiments.toml"):
+    """For every experiment: the grid its file declares, and how far its runs got by the last export: the runs
+    with logged values, how many of them finished, and the range of their last logged steps."""
+    lines = [f"| experiment | declared in {experiments_file} | ran here |", "|---|---|---|"]
+    for experiment, grid in grids.items():
         seeds = sorted({int(flag_value(run.flags, "--seed")) for run in grid})
         budgets = sorted({int(flag_value(run.flags, "--total-steps") or 0) for run in grid})
-        declared = (f"{len(grid)} runs: {len(experiments[experiment]['conditions'])} conditions, seeds "
+        declared = (f"{len(grid)} runs: {len({run_key(run)[0] for run in grid})} conditions, seeds "
                     f"{', '.join(map(str, seeds))}; " + " / ".join(fmt_steps(b) if b else "default" for b in budgets)
                     + " steps")
         last_step, finished = {}, set()
@@ -509,17 +513,18 @@ def main(args: Args) -> None:
         experiments = tomllib.load(f)
     out = Path(args.out_dir)
     (out / "data").mkdir(parents=True, exist_ok=True)
+    grids = {name: expand(experiments, (name,), Path(args.experiments_file).parent) for name in experiments}
     if args.export:
-        export_datasets(out)
-        for experiment in experiments:
-            export(experiment, expand(experiments, (experiment,)), args.runs_dir, out)
+        export_datasets(out, {flag_value(run.flags, "--env-id") for grid in grids.values() for run in grid})
+        for experiment, grid in grids.items():
+            export(experiment, grid, args.runs_dir, out)
     summary, sections = [], [datasets_table(out)]
     for experiment in experiments:
         if (out / "data" / f"{experiment}.csv").exists():
             rows, section = analyse(experiment, args)
             summary += rows
             sections.append(section)
-            print(f"drew {experiment}.png")
+            print(f"drew {out / experiment}.png")
     sections.insert(1, data_comparison(args))
     if summary:
         with open(out / "summary.csv", "w", newline="") as f:
@@ -532,7 +537,7 @@ def main(args: Args) -> None:
         "<!-- generated: plot.py writes from here -->\n<!-- generated: to here -->\n")
     for start, end, content in (
             ("<!-- generated: the runs table -->", "<!-- generated: end of the runs table -->",
-             runs_table(experiments, out / "data")),
+             runs_table(grids, out / "data", Path(args.experiments_file).name)),
             ("<!-- generated: plot.py writes from here -->", "<!-- generated: to here -->", "\n".join(sections))):
         if start in text:
             head, rest = text.split(start, 1)

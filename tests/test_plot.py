@@ -83,7 +83,7 @@ def test_runs_table_says_how_far_each_experiment_got(tmp_path):
                                  "td3bc_pretrain.py", "v1", finished])
         # a run of a condition the file no longer declares is not counted
         writer.writerow(["gone", "local-hopper-medium-v0", 0, 5000, plot.SCORE, 1.0, "td3bc_pretrain.py", "v1", 1])
-    table = plot.runs_table(experiments, tmp_path).splitlines()
+    table = plot.runs_table({name: plot.expand(experiments, (name,)) for name in experiments}, tmp_path).splitlines()
     assert table[2] == ("| `long` | 6 runs: 2 conditions, seeds 0, 1, 2; 200k steps | 4 runs (seeds 0, 1), "
                         "2 finished; logged up to step 40k-200k |")
     assert table[3] == "| `unrun` | 2 runs: 2 conditions, seeds 0; 1k / 3k steps | not started |"
@@ -140,7 +140,7 @@ def test_export_of_datasets_keeps_the_rows_of_datasets_not_on_this_machine(tmp_p
     with open(tmp_path / "data" / "datasets.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "no_datasets"))  # a machine without them
-    plot.export_datasets(tmp_path)
+    plot.export_datasets(tmp_path, ["local/gone/medium-v0"])
     with open(tmp_path / "data" / "datasets.csv") as f:
         assert list(csv.reader(f)) == [plot.DATASET_COLUMNS, [str(cell) for cell in rows[1]]]
 
@@ -175,15 +175,16 @@ def test_steps_ratio_and_its_interval_match_every_resample_worked_by_hand(tmp_pa
     assert [by_condition["pretrained"][column] for column in ratio_columns] == [0.75, 0.5, 1.0]
 
 
-def test_your_own_experiment_is_plotted_into_a_folder_of_its_own(tmp_path, monkeypatch):
+def test_your_own_experiment_is_plotted_into_a_folder_of_its_own(tmp_path, tiny_dataset):
     from torch.utils.tensorboard import SummaryWriter
 
-    (tmp_path / "mine.toml").write_text('[mine]\nscript = "td3bc_pretrain.py"\ndatasets = ["local/hopper/medium-v0"]\n'
-                                        'seeds = [0]\nconditions = { pretrained = "", scratch = "--pretrain none" }\n')
-    for condition, score in (("pretrained", 60.0), ("scratch", 40.0)):
-        with SummaryWriter(tmp_path / "runs" / "mine" / f"{condition}__local-hopper-medium-v0__s0") as writer:
+    (tmp_path / "mine.toml").write_text(f'[mine]\nscript = "td3bc_pretrain.py"\ndatasets = ["{tiny_dataset}"]\n'
+                                        'seeds = [0, 1]\n'
+                                        'conditions = { scratch = "--pretrain none", pretrained = "" }\n')
+    for condition, seed, score in (("pretrained", 0, 60.0), ("pretrained", 1, 70.0), ("scratch", 0, 40.0),
+                                   ("scratch", 1, 50.0)):
+        with SummaryWriter(tmp_path / "runs" / "mine" / f"{condition}__test-hopper-medium-v0__s{seed}") as writer:
             writer.add_scalar(plot.SCORE, score, 5000)
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "no_datasets"))
     shipped = {path: path.read_bytes() for path in (plot.HERE / "README.md", plot.HERE / "summary.csv")}
     plot.main(plot.Args(export=True, reps=100, runs_dir=str(tmp_path / "runs"),
                         experiments_file=str(tmp_path / "mine.toml"), out_dir=str(tmp_path / "out")))
@@ -192,7 +193,15 @@ def test_your_own_experiment_is_plotted_into_a_folder_of_its_own(tmp_path, monke
     assert (out / "data" / "mine.csv").exists() and (out / "mine.png").exists()
     with open(out / "summary.csv") as f:
         finals = {row["condition"]: float(row["final_iqm"]) for row in csv.DictReader(f)}
-    assert finals == {"pretrained": 60.0, "scratch": 40.0}
+    assert finals == {"pretrained": 65.0, "scratch": 45.0}
     readme = (out / "README.md").read_text()
-    assert "| `mine` | 2 runs: 2 conditions, seeds 0; default steps | 2 runs (seed 0), 0 finished" in readme
+    assert "| experiment | declared in mine.toml |" in readme
+    assert "| `mine` | 4 runs: 2 conditions, seeds 0, 1; default steps | 4 runs (seeds 0, 1), 0 finished" in readme
     assert "### mine\n" in readme
+    # the first condition declared is the baseline: both pretrained seeds beat both scratch seeds
+    assert "P(better than scratch)" in readme
+    rows = {line.split(" | ")[1]: line.split(" | ")[7] for line in readme.splitlines() if "test-hopper" in line}
+    assert rows == {"scratch": "-", "pretrained": "1.00 [1.00, 1.00]"}
+    # the datasets table holds the experiment's dataset, read from Minari (40 episodes), and no other
+    datasets = [line for line in readme.splitlines() if line.startswith("| ") and "/medium-v0 |" in line]
+    assert len(datasets) == 1 and datasets[0].startswith(f"| {tiny_dataset} | ") and " | 40 | " in datasets[0]
