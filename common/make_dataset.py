@@ -730,7 +730,6 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: no default return levels for {args.env_id}; pass --medium-return (and "
                          "--expert-return).")
     work_dir = os.path.join(args.work_dir, env_short_name(args.env_id))
-    os.makedirs(work_dir, exist_ok=True)
     started = time.time()
     if args.expert_policy is not None and args.medium_policy is None:
         raise SystemExit("error: --expert-policy needs --medium-policy (medium-expert-v0 holds both); pass both, or "
@@ -739,7 +738,8 @@ def main(args: Args) -> None:
         replay, checkpoints = None, {"medium": args.medium_policy}
         if args.expert_policy is not None:
             checkpoints["expert"] = args.expert_policy
-    else:
+    else:  # only training writes to the work directory
+        os.makedirs(work_dir, exist_ok=True)
         replay, checkpoints = trained_policies(args, settings, env, work_dir)
     policies = {name: load_policy(path, env, args) for name, path in checkpoints.items()}
 

@@ -191,6 +191,7 @@ def test_medium_policy_rebuilds_the_dataset_bitwise(made_by_sac, tmp_path):
         for field in ("observations", "actions", "rewards", "terminations", "truncations"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert "mkre/hopper/medium-replay-v0" not in minari.list_local_datasets()
+    assert list(tmp_path.iterdir()) == []  # nothing trained, so nothing in the work directory
 
 
 @pytest.mark.parametrize("env_id, flags, expected", [
