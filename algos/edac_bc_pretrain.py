@@ -726,8 +726,11 @@ def parse_args() -> Args:
 def load_checkpoint(run_dir: str) -> dict:
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
+        nearby = next((d for d in (os.path.join("runs", run_dir), os.path.dirname(run_dir))
+                       if d and os.path.exists(os.path.join(d, "checkpoint.pt"))), None)
         raise SystemExit(f"error: no checkpoint.pt in '{run_dir}' to resume from: pass the directory of a run that "
-                         "was interrupted or saved a periodic checkpoint (runs/<run-name>).")
+                         "was interrupted or saved a periodic checkpoint (runs/<run-name>)"
+                         + (f". Did you mean --resume {nearby}?" if nearby else "."))
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # any device may resume it
     script = checkpoint.get("script", Path(__file__).stem)  # older checkpoints do not say
     if script != Path(__file__).stem:
@@ -870,17 +873,21 @@ def resolve_dataset(env_id: str):
                      + f". {make_locally(env_name)}".rstrip())
 
 
-def make_locally(env_name: str) -> str:
+def make_locally(env_name: str, namespace="local") -> str:
     """How to make a MuJoCo dataset without Minari's servers, worded to hold in a copy of this script too."""
     if env_name not in ("halfcheetah", "hopper", "walker2d", "ant"):
         return ""
     env = {"halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}.get(env_name, f"{env_name.capitalize()}-v5")
-    shipped = (f"; with --medium-policy benchmark_results/behaviour_policies/{env_name}_medium.npz it writes "
-               "medium-v0 alone in a few minutes") if env_name != "ant" else ""
+    noise = namespace.startswith("local-noise")  # the earlier protocol: a policy's mean action plus noise
+    flag = (" --protocol mean-plus-noise" if noise else "") + \
+        (f" --namespace {namespace}" if namespace not in ("local", "local-noise") else "")
+    policy = f"{'mean_plus_noise/' if noise else ''}{env_name}_medium.npz"
+    shipped = (f"; with --medium-policy benchmark_results/behaviour_policies/{policy} it writes medium-v0 alone in "
+               "a few minutes") if env_name != "ant" else ""
     return (f"To make data locally, use make_dataset.py from the project this script comes from: `python "
-            f"common/make_dataset.py --env-id {env}` writes local/{env_name}/random-v0, medium-v0 and medium-replay-v0 "
-            f"after training a SAC policy (tens of minutes; with --stop-at expert also expert-v0 and medium-expert-v0)"
-            f"{shipped}.")
+            f"common/make_dataset.py --env-id {env}{flag}` writes {namespace}/{env_name}/random-v0, medium-v0 and "
+            "medium-replay-v0 after training a SAC policy (tens of minutes; with --stop-at expert also expert-v0 and "
+            f"medium-expert-v0){shipped}.")
 
 
 def did_you_mean(name: str) -> str:
@@ -900,18 +907,21 @@ def load_data(env_id: str):
 
 
 def load_minari(dataset_id: str, dataset_ids):
-    local, where = minari.list_local_datasets(), os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    local, folder = minari.list_local_datasets(), os.environ.get("MINARI_DATASETS_PATH")
+    where = f"MINARI_DATASETS_PATH={folder}" if folder is not None else \
+        "in ~/.minari/datasets, as MINARI_DATASETS_PATH is unset"
     if dataset_id not in local and dataset_id.split("/")[0] not in ("mujoco", "D4RL"):  # no download: say what is here
         here = ", ".join(sorted(local)[:12]) + (", ..." if len(local) > 12 else "") if local else "none"
-        raise SystemExit(f"error: no dataset '{dataset_id}' on this machine (MINARI_DATASETS_PATH={where}; it has: "
-                         f"{here}).{did_you_mean(dataset_id)} {make_locally(resolve_dataset(dataset_id)[1])}")
+        raise SystemExit(f"error: no dataset '{dataset_id}' on this machine ({where}; it has: {here})."
+                         f"{did_you_mean(dataset_id)} "
+                         f"{make_locally(resolve_dataset(dataset_id)[1], dataset_id.split('/')[0])}")
     if dataset_id in local:
         return minari.load_dataset(dataset_id)
-    print(f"{dataset_id} is not on this machine (MINARI_DATASETS_PATH={where}): downloading it with Minari", flush=True)
+    print(f"{dataset_id} is not on this machine ({where}): downloading it with Minari", flush=True)
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # no network, unknown remote ids, incompatible versions
-        raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine (MINARI_DATASETS_PATH={where}) and "
+        raise SystemExit(f"error: dataset '{dataset_id}' is not on this machine ({where}) and "
                          f"Minari could not download it ({type(e).__name__}: {str(e)[:200]}). Download it where there "
                          f"is internet with `minari download {' '.join(d for d in dataset_ids if d not in local)}` and "
                          f"copy {'them' if len(dataset_ids) > 1 else 'it'} to that folder. "
@@ -922,7 +932,7 @@ def same_env_here(dataset_id: str, local) -> str:
     """'This machine has X, Y (pass one to --env-id).' for the local datasets of dataset_id's environment."""
     env_name = resolve_dataset(dataset_id)[1]
     here = sorted(d for d in local if resolve_dataset(d)[1] == env_name)
-    return f"This machine has {', '.join(here)} (pass one to --env-id)." if here else ""
+    return f"This machine has {', '.join(here)} (pass {'one' if len(here) > 1 else 'it'} to --env-id)." if here else ""
 
 
 def flatten_episodes(datasets) -> dict:
@@ -1147,8 +1157,9 @@ class Run:
                 explained = fit["pretrain/critic_explained_variance"]
                 parts.insert(0, f"the critics explain {explained:.1%} of their targets' variance (mean Q "
                                 f"{fit['pretrain/q_mean']:.1f}, mean target {fit['pretrain/target_mean']:.1f})" +
-                             (", so they have not fit their targets yet: pre-train longer, or pass --critic-init "
-                              "mean-target" if explained < 0.5 else ""))
+                             (", so they have not fit their targets yet: pre-train longer" + (
+                                 ", or pass --critic-init mean-target" if self.args.critic_init == "paper" else "")
+                              if explained < 0.5 else ""))
             if "pretrain/alpha" in fit:
                 parts.append(f"temperature {fit['pretrain/alpha']:.3f}, policy entropy {fit['pretrain/entropy']:.2f}")
             self.progress.write(f"pre-training done at step {done}: {'; '.join(parts)}")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -273,6 +274,8 @@ def test_any_minari_id_resolves_to_its_environment(minari_path):
     assert module.same_env_here("mujoco/hopper/medium-v0", ["local/hopper/medium-v0", "local/walker2d/medium-v0",
                                                             "myteam/hopper-expert-v0"]) \
         == "This machine has local/hopper/medium-v0, myteam/hopper-expert-v0 (pass one to --env-id)."
+    assert module.same_env_here("mujoco/hopper/medium-v0", ["local/hopper/medium-v0"]) \
+        == "This machine has local/hopper/medium-v0 (pass it to --env-id)."
 
 
 @pytest.mark.parametrize("script, unset_flags", [*((f"algos/{script}", 7) for script in SCRIPTS),
@@ -325,11 +328,46 @@ def test_a_d4rl_name_offline_names_every_dataset_to_download(monkeypatch, minari
     assert "mujoco/walker2d/medium-v0 is not on this machine" in capsys.readouterr().out  # said before the wait
 
 
-def test_missing_local_dataset_says_how_to_make_it(tiny_dataset, tmp_path):
+def test_missing_local_dataset_says_how_to_make_it(tiny_dataset, minari_path, tmp_path, monkeypatch):
     result = run_script("td3bc_pretrain.py", "--env-id", "local/hopper/medium-v0", cwd=tmp_path)
     expected = "`python common/make_dataset.py --env-id Hopper-v5` writes local/hopper/random-v0, medium-v0"
     assert expected in result.stderr
     assert "--stop-at expert also expert-v0" in result.stderr  # every quality it can make, so the asked-for one too
+    assert f"on this machine (MINARI_DATASETS_PATH={minari_path}; it has: " in result.stderr
+    # a namespace of one's own is the one the command writes
+    result = run_script("td3bc_pretrain.py", "--env-id", "myteam/hopper/expert-v0", cwd=tmp_path)
+    assert "`python common/make_dataset.py --env-id Hopper-v5 --namespace myteam` writes myteam/hopper/random-v0" \
+        in result.stderr
+    # the earlier protocol's namespaces say how to make data that way, with its own shipped policy
+    result = run_script("td3bc_pretrain.py", "--env-id", "local-noise-25ep/hopper/medium-v0", cwd=tmp_path)
+    command = "python common/make_dataset.py --env-id Hopper-v5 --protocol mean-plus-noise --namespace local-noise-25ep"
+    assert f"`{command}` writes local-noise-25ep/hopper/random-v0" in result.stderr
+    assert "behaviour_policies/mean_plus_noise/hopper_medium.npz it writes medium-v0" in result.stderr
+    # without MINARI_DATASETS_PATH the message names Minari's default folder, not a setting that is not there
+    module = load_script("td3bc_pretrain.py")
+    monkeypatch.delenv("MINARI_DATASETS_PATH")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        module.load_minari("local/hopper/medium-v0", ["local/hopper/medium-v0"])
+    assert "on this machine (in ~/.minari/datasets, as MINARI_DATASETS_PATH is unset; it has: none)" \
+        in str(exit_info.value.code)
+
+
+def test_the_hand_over_line_suggests_mean_target_critics_only_to_a_run_without_them(capsys):
+    module = load_script("td3bc_pretrain.py")
+    run = module.Run.__new__(module.Run)  # only what Run.log_fit uses
+    run.writer = SimpleNamespace(add_scalar=lambda *args: None)
+    run.progress = SimpleNamespace(write=print)
+    fit = {"pretrain/bc_mse": 0.01, "pretrain/critic_explained_variance": 0.2, "pretrain/q_mean": 10.0,
+           "pretrain/target_mean": 50.0}
+    lines = {}
+    for critic_init in ("paper", "mean-target"):
+        run.args = module.Args(critic_init=critic_init)
+        run.log_fit(1000, {name: torch.tensor(value) for name, value in fit.items()}, handover=True)
+        lines[critic_init] = capsys.readouterr().out
+    assert "the critics explain 20.0% of their targets' variance" in lines["mean-target"]
+    assert "pre-train longer, or pass --critic-init mean-target" in lines["paper"]
+    assert "pre-train longer;" in lines["mean-target"] and "--critic-init" not in lines["mean-target"]
 
 
 # ---------------------------------------------------------------------------------------- using the result

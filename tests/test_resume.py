@@ -82,6 +82,13 @@ def test_resume_without_checkpoint_says_what_to_do(tmp_path, minari_path):
     result = subprocess.run([sys.executable, str(REPO / "algos" / "td3bc_pretrain.py"), "--resume", str(tmp_path)],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and "no checkpoint.pt" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "runs" / "t1").mkdir(parents=True)
+    (tmp_path / "runs" / "t1" / "checkpoint.pt").touch()
+    for near_miss in ("t1", "runs/t1/model.pt"):  # the run's name alone, or a file in its directory
+        result = subprocess.run([sys.executable, str(REPO / "algos" / "td3bc_pretrain.py"), "--resume", near_miss],
+                                capture_output=True, text=True, cwd=tmp_path)
+        assert f"no checkpoint.pt in '{near_miss}'" in result.stderr
+        assert "Did you mean --resume runs/t1?" in result.stderr
 
 
 class Recorder:
