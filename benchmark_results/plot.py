@@ -160,8 +160,9 @@ def export_datasets(out, dataset_ids):
     |a| >= 0.999."""
     import minari
 
-    path, here = Path(out) / "data" / "datasets.csv", sorted(set(dataset_ids) & set(minari.list_local_datasets()))
-    rows = []
+    path, rows = Path(out) / "data" / "datasets.csv", []
+    earlier = list(csv.reader(path.read_text().splitlines()))[1:] if path.exists() else []
+    here = sorted({*dataset_ids, *(row[0] for row in earlier)} & set(minari.list_local_datasets()))
     for dataset_id in here:
         dataset = minari.load_dataset(dataset_id)
         episodes = list(dataset.iterate_episodes())  # one pass over the file for returns and actions alike
@@ -169,15 +170,14 @@ def export_datasets(out, dataset_ids):
         actions = np.concatenate([e.actions for e in episodes])
         metadata = dataset.storage.metadata
         spread, policy_return = metadata.get("behaviour_action_std"), metadata.get("policy_return")
-        rows.append((dataset_id, metadata.get("data_protocol", "mean-plus-noise"), dataset.total_episodes,
-                     dataset.total_steps, round(float(returns.mean()), 1),
-                     round(float(100 * np.mean(minari.get_normalized_score(dataset, returns))), 1),
+        protocol = metadata.get("data_protocol", "mean-plus-noise" if dataset_id.startswith("local") else "")
+        scored = metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None
+        rows.append((dataset_id, protocol, dataset.total_episodes, dataset.total_steps, round(float(returns.mean()), 1),
+                     round(float(100 * np.mean(minari.get_normalized_score(dataset, returns))), 1) if scored else "",
                      "" if spread is None else round(float(spread), 3),
                      round(float(np.mean(np.abs(actions) >= 0.999)), 4),
                      "" if not isinstance(policy_return, float) else round(policy_return, 1)))
-    if path.exists():  # the datasets not read now keep the row an earlier export wrote
-        with open(path) as f:
-            rows += [row for row in list(csv.reader(f))[1:] if row[0] not in here]
+    rows += [row for row in earlier if row[0] not in here]  # those not on this machine keep their earlier row
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([DATASET_COLUMNS, *sorted(rows, key=lambda row: row[0])])
 
@@ -295,16 +295,14 @@ def data_protocol(dataset: str) -> str:
     return "sampled" if dataset.startswith("local-") else dataset.split("-", 1)[0]
 
 
-def analyse(experiment, args):
-    title, baseline, tags = FIGURES.get(experiment, ("", None, (SCORE,)))
+def analyse(experiment, args, first_condition=None):
+    title, baseline, tags = FIGURES.get(experiment, ("", first_condition, (SCORE,)))
     title = f"{experiment}: {title}" if title else experiment
     out = Path(args.out_dir)
     table, rng = load(out / "data" / f"{experiment}.csv"), np.random.default_rng(0)
     ratio_rng = np.random.default_rng(1)  # its own stream: the other intervals stay as they were before it
     rows, lines = [], []
     panels = sorted((key for key in table if key[1] in tags), key=lambda key: (key[0], key[1] != SCORE, key[1]))
-    if baseline is None and panels:  # an experiment of one's own: its first condition is the baseline
-        baseline = next(iter(table[panels[0]]))
     grid_columns = min(len(panels), 3)
     grid_rows = -(-len(panels) // grid_columns)
     fig, axes = plt.subplots(grid_rows, grid_columns, figsize=(max(5.6 * grid_columns, 8.0), 4.0 * grid_rows),
@@ -497,8 +495,12 @@ def datasets_table(out):
     if not rows:
         return ""
     order = {"sampled": 0, "d4rl": 1, "mean-plus-noise": 2}
-    rows.sort(key=lambda r: (r["dataset"].split("/")[1], r["dataset"].split("/")[2].rsplit("-v", 1)[0],
-                             order.get(r["data_protocol"], 3), r["dataset"]))
+
+    def place(r):  # by environment, quality and protocol (an id may have fewer than three parts)
+        _, env, name = [*r["dataset"].split("/"), "", ""][:3]
+        return env, name.rsplit("-v", 1)[0], order.get(r["data_protocol"], 3), r["dataset"]
+
+    rows.sort(key=place)
     cells = ("episodes", "transitions", "average_return", "average_normalized_score", "behaviour_action_std",
              "at_bound_fraction")
     return "\n".join([
@@ -521,7 +523,7 @@ def main(args: Args) -> None:
     summary, sections = [], [datasets_table(out)]
     for experiment in experiments:
         if (out / "data" / f"{experiment}.csv").exists():
-            rows, section = analyse(experiment, args)
+            rows, section = analyse(experiment, args, next(iter(experiments[experiment]["conditions"])))
             summary += rows
             sections.append(section)
             print(f"drew {out / experiment}.png")

@@ -13,10 +13,10 @@ script saves on SIGTERM) and is requeued, to resume where it stopped.
     python common/sweep.py all --cluster slurm --partition gpu --gpus-per-job 1 --jobs 32 --timeout-min 720
     python common/sweep.py mine --experiments-file my_experiments.toml   # your own, declared as below
 
-An experiment is a TOML table: `script` (a script of algos/, or the path of your own copy from the TOML file's
-folder, which wins over algos/'s script of the same name), `datasets` and `seeds` (lists), `conditions`
-(condition name -> its flags, or a table that may also set its own script, datasets and seeds; plot.py compares
-each with the first) and optionally `flags`, given to every run:
+An experiment is a TOML table: `script` (a script of algos/, or the path of your own copy, absolute or relative
+to the TOML file's folder, where a copy wins over algos/'s script of the same name), `datasets` and `seeds`
+(lists), `conditions` (condition name -> its flags, or a table that may also set its own script, datasets and
+seeds; plot.py compares each with the first) and optionally `flags`, given to every run:
 
     [mine]
     script = "td3bc_pretrain.py"
@@ -121,7 +121,8 @@ def expand(experiments: dict, names, folder=ROOT / "benchmark_results") -> list:
             if path is None:
                 raise SystemExit(f"error: experiment '{name}' runs script '{script}', which is neither a script of "
                                  f"algos/ ({', '.join(sorted(p.name for p in (ROOT / 'algos').glob('*.py')))}) nor "
-                                 f"a file at that path from the experiments file's folder, {Path(folder).resolve()}.")
+                                 f"a file at that path relative to {Path(folder).resolve()}, the experiments file's "
+                                 "folder.")
             for dataset in setting.get("datasets", spec["datasets"]):
                 for seed in setting.get("seeds", spec["seeds"]):
                     flags = ["--env-id", dataset, "--seed", str(seed), *shlex.split(spec.get("flags", "")),

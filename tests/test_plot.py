@@ -94,14 +94,16 @@ def test_datasets_table_puts_each_dataset_beside_the_earlier_one_and_d4rls(tmp_p
     rows = [plot.DATASET_COLUMNS,
             ["local-noise/hopper/medium-v0", "mean-plus-noise", 1686, 1000232, 1713.1, 53.3, 0.08, 0.05, ""],
             ["local/hopper/medium-v0", "sampled", 2000, 1000000, 1400.0, 43.7, 0.2, 0.001, 1410.5],
-            ["local/halfcheetah/medium-v0", "sampled", 1000, 1000000, 4970.4, 42.3, 0.109, 0.0025, 4971.1]]
+            ["local/halfcheetah/medium-v0", "sampled", 1000, 1000000, 4970.4, 42.3, 0.109, 0.0025, 4971.1],
+            ["myteam/hopper-expert-v0", "", 10, 10000, 3000.0, "", "", 0.0, ""]]  # one's own, of two parts
     with open(tmp_path / "data" / "datasets.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     with open(tmp_path / "data" / "d4rl_reference.csv", "w", newline="") as f:
         csv.writer(f).writerows([plot.DATASET_COLUMNS, ["d4rl/hopper/medium-v2", "d4rl", "", 1000000, "",
                                                         "about 40-45", "", "none exactly at ±1", ""]])
-    lines = [line for line in plot.datasets_table(tmp_path).splitlines()
-             if line.startswith("| local") or "d4rl/" in line]
+    table = plot.datasets_table(tmp_path)
+    assert "| myteam/hopper-expert-v0 |  | 10 | 10000 | 3000.0 | - |" in table
+    lines = [line for line in table.splitlines() if line.startswith("| local") or "d4rl/" in line]
     assert [line.split(" | ")[0][2:] for line in lines] == [
         "local/halfcheetah/medium-v0", "local/hopper/medium-v0", "d4rl/hopper/medium-v2",
         "local-noise/hopper/medium-v0"]
@@ -203,5 +205,8 @@ def test_your_own_experiment_is_plotted_into_a_folder_of_its_own(tmp_path, tiny_
     rows = {line.split(" | ")[1]: line.split(" | ")[7] for line in readme.splitlines() if "test-hopper" in line}
     assert rows == {"scratch": "-", "pretrained": "1.00 [1.00, 1.00]"}
     # the datasets table holds the experiment's dataset, read from Minari (40 episodes), and no other
+    import minari
+
+    episodes = minari.load_dataset(tiny_dataset).total_episodes
     datasets = [line for line in readme.splitlines() if line.startswith("| ") and "/medium-v0 |" in line]
-    assert len(datasets) == 1 and datasets[0].startswith(f"| {tiny_dataset} | ") and " | 40 | " in datasets[0]
+    assert len(datasets) == 1 and datasets[0].startswith(f"| {tiny_dataset} | ") and f" | {episodes} | " in datasets[0]
