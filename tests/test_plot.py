@@ -210,3 +210,21 @@ def test_your_own_experiment_is_plotted_into_a_folder_of_its_own(tmp_path, tiny_
     episodes = minari.load_dataset(tiny_dataset).total_episodes
     datasets = [line for line in readme.splitlines() if line.startswith("| ") and "/medium-v0 |" in line]
     assert len(datasets) == 1 and datasets[0].startswith(f"| {tiny_dataset} | ") and f" | {episodes} | " in datasets[0]
+
+
+def test_a_panel_without_the_baseline_compares_with_its_first_condition_not_itself(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "mixed.csv", "w", newline="") as f:  # the baseline ran on one dataset only
+        writer = csv.writer(f)
+        writer.writerow(plot.COLUMNS)
+        values = (("base", "a", 0, 10.0), ("other", "a", 0, 20.0), ("first", "b", 0, 30.0), ("second", "b", 0, 40.0),
+                  ("first", "b", 1, 31.0), ("second", "b", 1, 41.0))
+        for condition, dataset, seed, value in values:
+            writer.writerow([condition, f"{dataset}-x-medium-v0", seed, 5000, plot.SCORE, value, "td3bc_pretrain.py",
+                             "v1", 1])
+    monkeypatch.setitem(plot.FIGURES, "mixed", ("test", "base", (plot.SCORE,)))
+    rows, _ = plot.analyse("mixed", SimpleNamespace(reps=100, allow_mixed_versions=False, out_dir=tmp_path))
+    improvement = {row["condition"]: row["prob_improvement"] for row in rows}
+    assert improvement == {"base": "", "other": 1.0, "first": "", "second": 1.0}
