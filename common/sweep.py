@@ -87,7 +87,7 @@ class TrainingRun:
     name: str
     script: str  # as declared, which plot.py records
     flags: list
-    path: str = ""  # the file that runs: the declared script beside the experiments file, else algos/'s
+    path: str  # the file that runs: the declared script beside the experiments file, else algos/'s
     extra_flags: tuple = ()  # --extra-flags: for this machine (--compile), not part of the experiment
 
     def command(self, runs_dir: str, threads: int) -> list:
